@@ -1,0 +1,75 @@
+"""Attribution latency and backend agreement on the shipped sandbox bundle, side by side.
+
+    python benchmarks/attribution_latency.py [--queries 64] [--repeats 5]
+
+Builds usearch and faiss bundles of the same manifest next to the shipped exact one (in a temp
+dir), then for each: recall@10 vs exact on the held-out query prompts' generated images, and the
+per-image latency of encode + search at batch 1 and batch 16 (interleaved repeats, medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastattr_hook.attributor import Attributor
+from fastattr_hook.search import recall_at_k
+from fastattr_sandbox import build
+from index_tools.build import BuildOptions, build_bundle
+from integrations.demo import default_prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    root = build.sandbox_dir()
+    prompts = default_prompts(args.queries)
+    images = build.generate(prompts, root=root, seed=0)
+    bundles = {"exact": root / "bundle"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend, params in (("usearch", None), ("faiss", {"factory": "HNSW32"})):
+            bundles[backend] = Path(tmp) / backend
+            build_bundle(root / "data" / "manifest.jsonl", root / "encoder.yaml", bundles[backend],
+                         BuildOptions(backend=backend, backend_params=params, progress=False))
+        attributors = {name: Attributor.from_bundle(path) for name, path in bundles.items()}
+        vectors = attributors["exact"].encoder.embed(images, prompts, role="query")
+        exact_keys, _ = attributors["exact"].search(vectors, 10)
+        print(f"sandbox bundle: {attributors['exact'].manifest.items} items, dim {vectors.shape[1]}, "
+              f"{len(prompts)} generated query images (held-out prompts), torch threads {torch.get_num_threads()}")
+        for name, attributor in attributors.items():
+            keys, _ = attributor.search(vectors, 10)
+            print(f"{name:>8}: recall@10 vs exact {recall_at_k(keys, exact_keys, 10):.3f}")
+
+        for batch in (1, 16):
+            times = {name: [] for name in attributors}
+            for _ in range(args.repeats):
+                for name, attributor in attributors.items():
+                    start = time.perf_counter()
+                    for i in range(0, len(images), batch):
+                        attributor.attribute(images[i:i + batch], prompts[i:i + batch], k=10)
+                    times[name].append((time.perf_counter() - start) / len(images))
+            search_only = {}
+            for name, attributor in attributors.items():
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    attributor.search(vectors, 10)
+                search_only[name] = (time.perf_counter() - start) / (args.repeats * len(vectors))
+            base = statistics.median(times["exact"])
+            for name, values in times.items():
+                median = statistics.median(values)
+                print(f"batch {batch:>2} {name:>8}: {median * 1e3:7.2f} ms/image end to end "
+                      f"(ratio vs exact {median / base:.2f}); search alone {search_only[name] * 1e3:.3f} ms/query")
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()

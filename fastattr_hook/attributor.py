@@ -1,0 +1,110 @@
+"""``Attributor``: one encoder forward pass plus one nearest-neighbour search per image."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .attribution import Attribution, Credit, softmax_shares
+from .bundle import BundleManifest, read_manifest
+from .encoder import Encoder
+from .errors import FastattrError
+from .items import ItemStore
+
+
+class Attributor:
+    """Answers "which training images made this image?" from an index bundle.
+
+    Thread-safe: the encoder runs in inference mode, the index is read-only and item lookups
+    are serialised, so one instance can serve concurrent callers.
+    """
+
+    def __init__(self, bundle_dir: Path, manifest: BundleManifest, encoder: Encoder, index, store: ItemStore):
+        self.bundle_dir, self.manifest, self.encoder, self.index, self.store = bundle_dir, manifest, encoder, index, store
+        self._removed = np.array(sorted(store.removed_keys()), dtype=np.int64)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str | None = None,
+                    encoder: str | Path | Encoder | None = None) -> "Attributor":
+        """Open a bundle for serving (index memory-mapped where the backend allows).
+
+        ``encoder`` overrides the bundle's ``encoder.yaml`` (e.g. weights moved elsewhere); its
+        fingerprint must still match the one the bundle was built with.
+        """
+        from .search import load_index
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        if not isinstance(encoder, Encoder):
+            encoder = Encoder.from_yaml(encoder or path / "encoder.yaml", device=device)
+        if encoder.fingerprint != manifest.encoder.fingerprint:
+            raise FastattrError(
+                f"{path}: refusing to serve with encoder '{encoder.spec.name}' ({encoder.fingerprint[:19]}...): "
+                f"the bundle was built with '{manifest.encoder.name}' ({manifest.encoder.fingerprint[:19]}...). "
+                "Use the encoder the bundle was built with, or rebuild the bundle with this encoder.")
+        index = load_index(manifest.backend, path / "index", manifest.dim, manifest.backend_params, view=True)
+        return cls(path, manifest, encoder, index, ItemStore(path / "items.sqlite"))
+
+    def refresh(self) -> None:
+        """Re-read opt-outs written by another process (``fastattr index remove``)."""
+        self._removed = np.array(sorted(self.store.removed_keys()), dtype=np.int64)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (keys, scores) per query vector, never returning removed items."""
+        total = len(self.index)
+        fetch = min(total, k + len(self._removed))
+        while True:
+            keys, scores = self.index.search(vectors, fetch)
+            keep = (keys >= 0) & ~np.isin(keys, self._removed)
+            if fetch >= total or keep.sum(axis=1).min() >= k:
+                break
+            fetch = min(total, fetch * 2)  # ANN backends may return removed items first: widen
+        out_keys = np.full((len(vectors), k), -1, dtype=np.int64)
+        out_scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+        for row in range(len(vectors)):
+            kept_keys, kept_scores = keys[row][keep[row]][:k], scores[row][keep[row]][:k]
+            out_keys[row, :len(kept_keys)] = kept_keys
+            out_scores[row, :len(kept_scores)] = kept_scores
+        return out_keys, out_scores
+
+    def attribute(self, images: Sequence, prompts: str | Sequence[str], k: int = 10) -> list[Attribution]:
+        """Attribute a batch: PIL images, HxWxC uint8/float arrays or tensors, one prompt each (or one for all)."""
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise FastattrError(f"got {len(images)} images but {len(prompts)} prompts")
+        if k < 1:
+            raise FastattrError(f"k must be >= 1, got {k}")
+        start = time.perf_counter()
+        vectors = self.encoder.embed(list(images), list(prompts), role="query")
+        encoded = time.perf_counter()
+        keys, scores = self.search(vectors, k)
+        searched = time.perf_counter()
+        items = self.store.get(int(x) for x in np.unique(keys) if x >= 0)
+        n = max(1, len(images))
+        timing = {"encode": 1e3 * (encoded - start) / n, "search": 1e3 * (searched - encoded) / n,
+                  "total": 1e3 * (time.perf_counter() - start) / n, "batch_size": len(images)}
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        rule = self.manifest.share_rule
+        results = []
+        for prompt, row_keys, row_scores in zip(prompts, keys, scores):
+            valid = [(int(key), float(score)) for key, score in zip(row_keys, row_scores) if key >= 0]
+            shares = softmax_shares([s for _, s in valid], rule.temperature)
+            credits = []
+            for rank, ((key, score), share) in enumerate(zip(valid, shares), start=1):
+                item = items[key]
+                credits.append(Credit(rank=rank, key=key, id=item.id, score=round(score, 6), share=round(share, 6),
+                                      caption=item.caption, creator=item.creator, license=item.license,
+                                      source_url=item.source_url))
+            results.append(Attribution(
+                prompt=prompt, credits=credits, encoder={"name": self.encoder.spec.name,
+                                                         "fingerprint": self.encoder.fingerprint},
+                bundle={"name": self.manifest.name, "fingerprint": self.manifest.fingerprint,
+                        "items": self.manifest.items},
+                share_rule={"name": rule.name, "temperature": rule.temperature},
+                timing_ms={key: round(value, 3) for key, value in timing.items()}, created=created))
+        return results

@@ -1,0 +1,278 @@
+"""The ``fastattr`` command line. Subcommands import their machinery lazily, so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import FastattrError
+
+
+def _sandbox_build(args) -> int:
+    from fastattr_sandbox import build
+
+    state = build.build(args.out, scale=args.scale, seed=args.seed, force=args.force)
+    print(json.dumps({"sandbox": str(Path(args.out).resolve()), "figures": state["figures"]}, indent=1))
+    return 0
+
+
+def _sandbox_generate(args) -> int:
+    from fastattr_sandbox import build
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    images = build.generate(prompts, root=args.sandbox, seed=args.seed, steps=args.steps,
+                            guidance_scale=args.guidance_scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out / f"{i:03d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def _sandbox_verify(args) -> int:
+    from fastattr_sandbox import build
+
+    files = build.verify(args.sandbox)
+    print(f"{build.sandbox_dir(args.sandbox)}: {len(files)} files match sandbox.yaml")
+    return 0
+
+
+def _backend_params(pairs: list[str]) -> dict | None:
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FastattrError(f"--backend-param '{pair}' must look like key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params or None
+
+
+def _build_options(args):
+    from index_tools.build import BuildOptions
+
+    return BuildOptions(backend=getattr(args, "backend", None), backend_params=_backend_params(getattr(args, "backend_param", [])),
+                        chunk_size=args.chunk_size, num_workers=args.workers, device=args.device)
+
+
+def _index_build(args) -> int:
+    from index_tools.build import build_bundle
+
+    manifest = build_bundle(args.manifest, args.encoder, args.out, _build_options(args), resume=args.resume,
+                            name=args.name)
+    if manifest is not None:
+        print(f"{args.out}: {manifest.items} items ({manifest.manifest.rejected} rows rejected, see "
+              f"{Path(args.out) / 'rejects.jsonl'}), backend {manifest.backend}, dim {manifest.dim}")
+    return 0
+
+
+def _index_add(args) -> int:
+    from index_tools.build import add_to_bundle
+
+    manifest = add_to_bundle(args.bundle, args.manifest, _build_options(args), resume=args.resume)
+    print(f"{args.bundle}: now {manifest.items} items ({manifest.manifest.rejected} rows rejected in total)")
+    return 0
+
+
+def _index_verify(args) -> int:
+    from index_tools.verify import verify_bundle
+
+    report = verify_bundle(args.bundle, deep=args.deep, sample=args.sample, min_recall=args.min_recall)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def _index_info(args) -> int:
+    from .bundle import read_manifest
+    from .config import to_dict
+    from .items import ItemStore
+
+    manifest = read_manifest(args.bundle)
+    with ItemStore(Path(args.bundle) / "items.sqlite") as store:
+        removed = len(store.removed_keys())
+    info = {**to_dict(manifest), "fingerprint": manifest.fingerprint, "removed": removed}
+    info.pop("files")
+    print(json.dumps(info, indent=1) if args.json else "\n".join(
+        f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items()))
+    return 0
+
+
+def _index_remove(args) -> int:
+    from index_tools.optout import remove_items
+
+    count = remove_items(args.bundle, ids=args.ids or (), creator=args.creator, license=args.license,
+                         reason=args.reason)
+    print(f"{args.bundle}: {count} items removed (they no longer appear in results)")
+    return 0
+
+
+def _attribute(args) -> int:
+    from PIL import Image
+
+    from .attributor import Attributor
+
+    attributor = Attributor.from_bundle(args.bundle, device=args.device)
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise FastattrError(f"{path}: cannot read image ({exc})") from None
+    results = attributor.attribute(images, args.prompt, k=args.k)
+    if args.write_metadata:
+        import shutil
+
+        from .metadata import write_attribution_in_place
+
+        for path, result in zip(args.images, results):
+            target = Path(path)
+            if args.out:  # copy first: writing metadata never re-encodes pixels
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                target = Path(shutil.copy2(path, Path(args.out) / target.name))
+            write_attribution_in_place(target, result)
+            print(f"wrote credits into {target}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
+    else:
+        for path, result in zip(args.images, results):
+            print(f"{path}  (prompt: {result.prompt!r}, {result.timing_ms['total']:.1f} ms)")
+            for c in result.credits:
+                print(f"  {c.rank:>3}. {c.id:<24} score {c.score:+.4f}  share {c.share:6.1%}  "
+                      f"{c.creator or '-'} [{c.license or '-'}]  {c.caption[:60]}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .metadata import format_inspection, inspect_image
+
+    reports = [inspect_image(path) for path in args.images]
+    print(json.dumps(reports, indent=1, ensure_ascii=False) if args.json
+          else "\n\n".join(format_inspection(r) for r in reports))
+    return 0 if all(r.get("agree", True) for r in reports) else 1
+
+
+def _demo(args) -> int:
+    from integrations.demo import run_demo
+
+    report = run_demo(args.out, prompts=args.prompt, k=args.k, seed=args.seed, steps=args.steps)
+    print(f"images with embedded credits and the report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastattr", description=__doc__.split("\n")[0].replace("The ``fastattr``", "fastattr:"))
+    parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sandbox = commands.add_parser("sandbox", help="build and use the offline sandbox world").add_subparsers(
+        dest="sandbox_command", metavar="ACTION", required=True)
+    p = sandbox.add_parser("build", help="generate the dataset and train the sandbox models (resumable)")
+    p.add_argument("--scale", choices=["micro", "default"], default="default")
+    p.add_argument("--out", required=True, help="sandbox directory to create or resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild every stage")
+    p.set_defaults(func=_sandbox_build)
+    p = sandbox.add_parser("generate", help="sample images with the sandbox text-to-image model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.set_defaults(func=_sandbox_generate)
+    p = sandbox.add_parser("verify", help="check a sandbox's files against its checksums")
+    p.add_argument("sandbox", nargs="?")
+    p.set_defaults(func=_sandbox_verify)
+
+    index = commands.add_parser("index", help="build, verify and edit index bundles").add_subparsers(
+        dest="index_command", metavar="ACTION", required=True)
+
+    def embed_options(p):
+        p.add_argument("--resume", action="store_true", help="continue a killed build")
+        p.add_argument("--chunk-size", type=int, default=1024, help="rows per checkpointed chunk")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    p = index.add_parser("build", help="embed a training manifest into a new bundle")
+    p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet manifest, or webdataset .tar shard(s)")
+    p.add_argument("--encoder", required=True, help="encoder spec YAML")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact for small sets, else usearch")
+    p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
+                   help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
+    p.add_argument("--name")
+    embed_options(p)
+    p.set_defaults(func=_index_build)
+    p = index.add_parser("add", help="append a manifest's rows to a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--manifest", required=True)
+    embed_options(p)
+    p.set_defaults(func=_index_add)
+    p = index.add_parser("verify", help="check structure, checksums, counts, encoder; --deep re-embeds a sample")
+    p.add_argument("bundle")
+    p.add_argument("--deep", action="store_true")
+    p.add_argument("--sample", type=int, default=32)
+    p.add_argument("--min-recall", type=float, default=0.95)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_index_verify)
+    p = index.add_parser("info", help="show a bundle's description")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_index_info)
+    p = index.add_parser("remove", help="opt items out (by id, creator or license); effective at once")
+    p.add_argument("bundle")
+    p.add_argument("--ids", nargs="+")
+    p.add_argument("--creator")
+    p.add_argument("--license")
+    p.add_argument("--reason", default="opt-out")
+    p.set_defaults(func=_index_remove)
+
+    p = commands.add_parser("attribute", help="which training images made these images?")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--write-metadata", action="store_true", help="embed the credits in each image (atomic)")
+    p.add_argument("--out", help="with --write-metadata: write copies here instead of in place")
+    p.set_defaults(func=_attribute)
+
+    p = commands.add_parser("demo", help="generate with the shipped sandbox, attribute, write an HTML report")
+    p.add_argument("--out", default="fastattr-demo")
+    p.add_argument("--prompt", action="append", help="repeat for several prompts (default: 4 held-out prompts)")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.set_defaults(func=_demo)
+
+    p = commands.add_parser("inspect", help="show the credit metadata carried by images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastattrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command (with --resume where offered) to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The attribution encoder f = g(phi(.)): frozen backbones, concatenated, then the tuned MLP head.
+
+Built from a YAML spec (see README "Encoder spec"). The same ``f`` embeds queries (generated
+image + prompt) and training items (image + caption); cosine similarity ranks influence.
+
+Orientation: the published head is trained so that a LOW calibrated score means MORE influence.
+Whatever the sign of the learned scale, ``embed(..., role="query")`` flips the query vector when
+needed so that a higher inner product always means more influential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ._io import sha256_file
+from .config import load_yaml, to_dict
+from .errors import FastattrError
+from .head import AttributionHead, load_head
+
+BackboneKind = Literal["open_clip_image", "open_clip_text", "timm_image"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class BackboneSpec:
+    """One frozen feature extractor. Paths are relative to the spec file."""
+
+    kind: BackboneKind
+    model: str  # open_clip name ("ViT-B-32"), "local-dir:PATH" (open_clip folder), or a timm name
+    weights: str | None = None  # local weights file (safetensors / .pt / .bin); None = none or in local-dir
+    tokenizer: str | None = None  # open_clip_text: a Hugging Face tokenizer folder; default open_clip's
+    resize: int = 256  # timm_image preprocessing (method.md: DINO resize 256 bicubic, crop 224)
+    crop: int = 224
+
+
+@dataclass
+class EncoderSpec:
+    name: str
+    backbones: list[BackboneSpec]
+    head: str | None = None  # None = the untuned baseline (normalised concatenated features)
+    batch_size: int = 64
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("local-dir:"):
+        return "local-dir:" + str((base / value[len("local-dir:"):]).resolve())
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+class Encoder:
+    """Embeds (image, text) pairs into L2-normalised vectors of width ``dim``."""
+
+    def __init__(self, spec: EncoderSpec, base_dir: str | Path = ".", device: str | torch.device | None = None):
+        self.spec = spec
+        self.base_dir = Path(base_dir).resolve()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._models: dict[tuple, tuple] = {}
+        self.backbones = [self._build_backbone(b) for b in spec.backbones]
+        self.feature_dim = sum(b.dim for b in self.backbones)
+        self.head: AttributionHead | None = None
+        if spec.head:
+            self.head = load_head(_resolve(self.base_dir, spec.head)).to(self.device).eval()
+            if self.head.in_features != self.feature_dim:
+                raise FastattrError(
+                    f"head {spec.head} expects {self.head.in_features}-d input but the backbones give "
+                    f"{self.feature_dim}-d ({' + '.join(f'{b.spec.kind}:{b.dim}' for b in self.backbones)}); "
+                    "use the backbones the head was trained with")
+        self.dim = self.head.out_features if self.head else self.feature_dim
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, device: str | torch.device | None = None) -> "Encoder":
+        path = Path(path)
+        return cls(load_yaml(EncoderSpec, path), path.parent, device)
+
+    # -- backbones ---------------------------------------------------------------------------
+    def _build_backbone(self, spec: BackboneSpec) -> "_Backbone":
+        if spec.kind in ("open_clip_image", "open_clip_text"):
+            return _OpenClipBackbone(spec, self)
+        return _TimmBackbone(spec, self)
+
+    def _open_clip(self, model: str, weights: str | None):
+        """One loaded open_clip model per (model, weights): image and text towers share it."""
+        import open_clip
+
+        key = ("open_clip", model, weights)
+        if key not in self._models:
+            try:
+                clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights)
+            except (RuntimeError, FileNotFoundError, ValueError) as exc:
+                raise FastattrError(f"cannot load open_clip model '{model}' (weights: {weights}): {exc}") from None
+            self._models[key] = (clip.to(self.device).eval(), preprocess)
+        return self._models[key]
+
+    # -- embedding ---------------------------------------------------------------------------
+    @property
+    def orientation(self) -> float:
+        """+1 or -1: the sign that makes a higher query-item inner product mean more influence."""
+        return -1.0 if self.head is not None and float(self.head.scale) > 0 else 1.0
+
+    def preprocess(self, image: Image.Image, text: str) -> list[torch.Tensor]:
+        """Per-backbone inputs for one pair (runs in DataLoader workers)."""
+        image = _as_pil(image)
+        return [b.prepare(image, text) for b in self.backbones]
+
+    @torch.inference_mode()
+    def embed_prepared(self, inputs: Sequence[torch.Tensor], role: Literal["query", "item"] = "item") -> np.ndarray:
+        """Embed a collated batch of ``preprocess`` outputs."""
+        feats = [b.forward(x.to(self.device)).float() for b, x in zip(self.backbones, inputs)]
+        if self.head is None:
+            vectors = F.normalize(torch.cat([F.normalize(f, dim=-1) for f in feats], dim=-1), dim=-1)
+        else:
+            vectors = F.normalize(self.head(torch.cat(feats, dim=-1)), dim=-1)
+        if role == "query":
+            vectors = vectors * self.orientation
+        return vectors.cpu().numpy().astype(np.float32)
+
+    def embed(self, images: Sequence, texts: Sequence[str], role: Literal["query", "item"] = "item") -> np.ndarray:
+        """Embed pairs in batches of ``spec.batch_size``; images as PIL, uint8 arrays or tensors."""
+        if len(images) != len(texts):
+            raise FastattrError(f"got {len(images)} images but {len(texts)} texts; pass one text per image")
+        out = []
+        for start in range(0, len(images), self.spec.batch_size):
+            pairs = [self.preprocess(i, t) for i, t in zip(images[start:start + self.spec.batch_size],
+                                                            texts[start:start + self.spec.batch_size])]
+            out.append(self.embed_prepared([torch.stack(x) for x in zip(*pairs)], role))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the spec and every weight/tokenizer file (independent of where files live)."""
+        if self._fingerprint is None:
+            spec = to_dict(self.spec)
+            files = []
+            for b in self.spec.backbones:
+                for value in (b.model, b.weights, b.tokenizer):
+                    files += _weight_files(_resolve(self.base_dir, value)) if value and _is_local(value) else []
+            if self.spec.head:
+                files.append(Path(_resolve(self.base_dir, self.spec.head)))
+            for b in spec["backbones"]:  # paths do not identify an encoder; file contents do
+                for key in ("model", "weights", "tokenizer"):
+                    if b[key] and _is_local(b[key]):
+                        b[key] = "<local>"
+            spec["head"] = "<local>" if spec["head"] else None
+            digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+            for f in sorted(files, key=lambda p: p.name):
+                digest.update(f.name.encode() + sha256_file(f).encode())
+            self._fingerprint = "sha256:" + digest.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {"name": self.spec.name, "fingerprint": self.fingerprint, "dim": self.dim,
+                "tuned": self.head is not None}
+
+
+def _is_local(value: str) -> bool:
+    return value.startswith("local-dir:") or "/" in value or value.endswith(
+        (".safetensors", ".pt", ".pth", ".bin", ".json"))
+
+
+def _weight_files(resolved: str) -> list[Path]:
+    path = Path(resolved.removeprefix("local-dir:"))
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    if not path.is_file():
+        raise FastattrError(f"encoder file not found: {path}; fix the path in the encoder spec")
+    return [path]
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+            image = image.permute(1, 2, 0)  # CHW -> HWC
+        image = image.float().numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise FastattrError(f"image array must be HxWxC with C in 1/3/4, got shape {image.shape}")
+        if image.dtype != np.uint8:  # floats in [0, 1]
+            image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return Image.fromarray(image[..., :3] if image.shape[-1] != 1 else image[..., 0]).convert("RGB")
+    raise FastattrError(f"unsupported image type {type(image).__name__}; pass PIL images, numpy arrays or tensors")
+
+
+class _Backbone:
+    spec: BackboneSpec
+    dim: int
+
+    def prepare(self, image: Image.Image, text: str) -> torch.Tensor: ...
+    def forward(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+class _OpenClipBackbone(_Backbone):
+    def __init__(self, spec: BackboneSpec, encoder: Encoder):
+        self.spec = spec
+        model = _resolve(encoder.base_dir, spec.model) if spec.model.startswith("local-dir:") else spec.model
+        self.model, self.transform = encoder._open_clip(model, _resolve(encoder.base_dir, spec.weights))
+        self.is_image = spec.kind == "open_clip_image"
+        self.dim = int(self.model.visual.output_dim)  # CLIP: both towers project to embed_dim
+        if not self.is_image:
+            self.context_length = int(self.model.context_length)
+            if spec.tokenizer:
+                from transformers import AutoTokenizer
+
+                self.hf_tokenizer = AutoTokenizer.from_pretrained(_resolve(encoder.base_dir, spec.tokenizer),
+                                                                  local_files_only=True)
+            else:
+                import open_clip
+
+                self.hf_tokenizer = None
+                self.oc_tokenizer = open_clip.get_tokenizer(model, context_length=self.context_length)
+
+    def prepare(self, image: Image.Image, text: str) -> torch.Tensor:
+        if self.is_image:
+            return self.transform(image)
+        if self.hf_tokenizer is not None:  # truncated to the model's context length
+            return self.hf_tokenizer(text, padding="max_length", max_length=self.context_length, truncation=True,
+                                     return_tensors="pt").input_ids[0]
+        return self.oc_tokenizer([text])[0]
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(batch) if self.is_image else self.model.encode_text(batch)
+
+
+class _TimmBackbone(_Backbone):
+    """A timm image model's pooled (CLS) features, e.g. DINO ViT-B/16 = vit_base_patch16_224.dino."""
+
+    def __init__(self, spec: BackboneSpec, encoder: Encoder):
+        import timm
+        from torchvision import transforms
+
+        self.spec = spec
+        kwargs = {"num_classes": 0}
+        weights = _resolve(encoder.base_dir, spec.weights)
+        if weights:
+            if not Path(weights).is_file():
+                raise FastattrError(f"timm weights not found: {weights}; fix 'weights' in the encoder spec")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+        try:
+            self.model = timm.create_model(spec.model, **kwargs).to(encoder.device).eval()
+        except RuntimeError as exc:
+            raise FastattrError(f"cannot build timm model '{spec.model}' from {weights}: {exc}") from None
+        self.dim = int(self.model.num_features)
+        self.transform = transforms.Compose([
+            transforms.Resize(spec.resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(spec.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    def prepare(self, image: Image.Image, text: str) -> torch.Tensor:
+        return self.transform(image)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch)

@@ -1,0 +1,138 @@
+"""The items store: SQLite table mapping each integer vector key to its training item.
+
+Opt-outs are a flag here (``removed``), so they take effect for every query at once, without
+rebuilding the vector index; compaction can drop the vectors later.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import FastattrError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    caption TEXT NOT NULL,
+    creator TEXT,
+    license TEXT,
+    source_url TEXT,
+    sha256 TEXT,
+    image TEXT,
+    thumbnail BLOB,
+    removed INTEGER NOT NULL DEFAULT 0,
+    removed_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS items_creator ON items(creator);
+CREATE INDEX IF NOT EXISTS items_license ON items(license);
+"""
+FIELDS = ("key", "id", "caption", "creator", "license", "source_url", "sha256", "image")
+
+
+@dataclass
+class Item:
+    key: int
+    id: str
+    caption: str
+    creator: str | None
+    license: str | None
+    source_url: str | None
+    sha256: str | None
+    image: str | None
+
+
+class ItemStore:
+    """Thread-safe access to ``items.sqlite`` (one connection, one lock: lookups are tiny)."""
+
+    def __init__(self, path: str | Path, readonly: bool = True):
+        self.path = Path(path)
+        if readonly and not self.path.is_file():
+            raise FastattrError(f"{self.path}: items store missing; rebuild the bundle with `fastattr index build`")
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
+        if not readonly:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "ItemStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def insert(self, rows: Iterable[tuple]) -> None:
+        """rows: (key, id, caption, creator, license, source_url, sha256, image, thumbnail)."""
+        with self._lock, self._conn:
+            self._conn.executemany(
+                "INSERT INTO items (key, id, caption, creator, license, source_url, sha256, image, thumbnail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def get(self, keys: Iterable[int]) -> dict[int, Item]:
+        keys = [int(k) for k in keys]
+        if not keys:
+            return {}
+        with self._lock:
+            cursor = self._conn.execute(
+                f"SELECT {', '.join(FIELDS)} FROM items WHERE key IN ({','.join('?' * len(keys))})", keys)
+            return {row[0]: Item(*row) for row in cursor}
+
+    def thumbnail(self, key: int) -> bytes | None:
+        with self._lock:
+            row = self._conn.execute("SELECT thumbnail FROM items WHERE key = ?", (int(key),)).fetchone()
+        return row[0] if row else None
+
+    def removed_keys(self) -> set[int]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT key FROM items WHERE removed = 1")}
+
+    def count(self, include_removed: bool = True) -> int:
+        where = "" if include_removed else " WHERE removed = 0"
+        with self._lock:
+            return self._conn.execute(f"SELECT COUNT(*) FROM items{where}").fetchone()[0]
+
+    def max_key(self) -> int:
+        with self._lock:
+            value = self._conn.execute("SELECT MAX(key) FROM items").fetchone()[0]
+        return -1 if value is None else value
+
+    def ids(self) -> Iterator[str]:
+        with self._lock:
+            rows = self._conn.execute("SELECT id FROM items").fetchall()
+        return (r[0] for r in rows)
+
+    def remove(self, *, ids: Iterable[str] = (), creator: str | None = None, license: str | None = None,
+               reason: str = "opt-out") -> int:
+        """Flag items as removed; returns how many were newly removed."""
+        clauses, params = [], []
+        ids = list(ids)
+        if ids:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params += ids
+        if creator is not None:
+            clauses.append("creator = ?")
+            params.append(creator)
+        if license is not None:
+            clauses.append("license = ?")
+            params.append(license)
+        if not clauses:
+            raise FastattrError("nothing to remove: give ids, a creator or a license")
+        with self._lock, self._conn:
+            cursor = self._conn.execute(
+                f"UPDATE items SET removed = 1, removed_reason = ? WHERE removed = 0 AND ({' OR '.join(clauses)})",
+                [reason, *params])
+            return cursor.rowcount
+
+    def sample_keys(self, count: int, seed: int = 0) -> list[int]:
+        import random
+
+        with self._lock:
+            keys = [r[0] for r in self._conn.execute("SELECT key FROM items WHERE removed = 0 ORDER BY key")]
+        return sorted(random.Random(seed).sample(keys, min(count, len(keys))))

@@ -1,0 +1,1 @@
+"""Index-side tools: turn a training manifest into a fastattr vector index bundle."""

@@ -1,0 +1,334 @@
+"""``fastattr index build`` / ``add``: training manifest -> verified index bundle.
+
+The build streams the manifest, embeds accepted rows in chunks and checkpoints each chunk
+(``<out>.partial/chunks/``) so a killed build resumes without redoing or duplicating work.
+Under ``accelerate launch`` every process embeds a disjoint set of chunks; the main process
+merges them. The finished bundle appears atomically (temp directory + rename).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from fastattr_hook import __version__
+from fastattr_hook._io import atomic_dir, atomic_open, atomic_write_text
+from fastattr_hook.bundle import (SCHEMA, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, bundle_files,
+                                  read_manifest, write_manifest)
+from fastattr_hook.config import to_dict
+from fastattr_hook.encoder import Encoder, EncoderSpec
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.items import ItemStore
+from fastattr_hook.search import create_index, default_backend, load_index
+
+from .manifest import ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
+
+CALIBRATION_RATIO = 10.0  # a typical query's 1st credit gets this many times the share of its 10th
+
+
+@dataclass
+class BuildOptions:
+    backend: str | None = None  # None: chosen by size (exact for small sets)
+    backend_params: dict | None = None
+    chunk_size: int = 1024
+    num_workers: int = 0
+    thumbnail_size: int = 64  # 0 = store no thumbnails
+    device: str | None = None
+    progress: bool = True
+
+
+class _ChunkDataset(torch.utils.data.Dataset):
+    """Loads and preprocesses one chunk's rows; a bad image becomes a rejection, not a crash."""
+
+    def __init__(self, rows: list[tuple[int, ManifestRow]], encoder: Encoder, thumbnail_size: int):
+        self.rows, self.encoder, self.thumbnail_size = rows, encoder, thumbnail_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        seq, row = self.rows[i]
+        try:
+            image = row.load_image()
+        except RowRejected as exc:
+            return seq, None, {"reason": exc.reason, "message": str(exc)}
+        thumb = b""
+        if self.thumbnail_size:
+            small = image.copy()
+            small.thumbnail((self.thumbnail_size, self.thumbnail_size))
+            buffer = io.BytesIO()
+            small.save(buffer, format="PNG")
+            thumb = buffer.getvalue()
+        return seq, self.encoder.preprocess(image, row.caption), thumb
+
+
+def _collate(batch):
+    return batch
+
+
+def _distributed():
+    """(process index, process count, barrier) under accelerate launch, else (0, 1, no-op)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state.process_index, state.num_processes, state.wait_for_everyone, state.device
+    return 0, 1, lambda: None, None
+
+
+def _relative_spec(spec: EncoderSpec, spec_dir: Path, bundle_dir: Path) -> dict:
+    """The spec with every local path rewritten relative to the bundle, so trees can move."""
+    data = to_dict(spec)
+
+    def rel(value: str | None) -> str | None:
+        if value is None:
+            return None
+        prefix = "local-dir:" if value.startswith("local-dir:") else ""
+        raw = value[len(prefix):]
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and not (spec_dir / path).exists():
+            return value  # a model name such as "ViT-B-32", not a path
+        target = path if path.is_absolute() else (spec_dir / path).resolve()
+        return prefix + os.path.relpath(target, bundle_dir)
+
+    for b in data["backbones"]:
+        for key in ("model", "weights", "tokenizer"):
+            b[key] = rel(b[key])
+    data["head"] = rel(data["head"])
+    return data
+
+
+def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str | Path,
+                 options: BuildOptions | None = None, resume: bool = False, name: str | None = None) -> BundleManifest | None:
+    """Build a bundle at ``out``; returns its manifest (None on non-main processes)."""
+    options = options or BuildOptions()
+    manifest_path, encoder_spec, out = Path(manifest_path), Path(encoder_spec), Path(out).resolve()
+    rank, world, barrier, device = _distributed()
+    if out.exists() and rank == 0:
+        raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
+    encoder = Encoder.from_yaml(encoder_spec, device=options.device or device)
+    work = out.with_name(out.name + ".partial")
+    state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
+             "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size}
+    _prepare_work_dir(work, state, resume, rank, barrier)
+
+    accepted = _embed_manifest(manifest_path, encoder, work, options, rank, world, seen_ids=())
+    barrier()
+    if rank != 0:
+        return None
+    vectors, rows, rejects = _merge_chunks(work, accepted)
+    first_key = 0
+    backend = options.backend or default_backend(len(vectors))
+    with atomic_dir(out) as tmp:
+        index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
+        keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
+        if len(vectors):
+            index.add(keys, vectors)
+        (tmp / "index").mkdir()
+        index.save(tmp / "index")
+        _write_vectors(tmp, vectors)
+        with ItemStore(tmp / "items.sqlite", readonly=False) as store:
+            store.insert(_item_rows(keys, rows, out))
+        save_yaml_dict(_relative_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / "encoder.yaml")
+        _write_rejects(tmp / "rejects.jsonl", rejects)
+        temperature, note = calibrate_temperature(index, vectors)
+        manifest = BundleManifest(
+            schema=SCHEMA, name=name or out.name,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
+            encoder=EncoderInfo(**{k: v for k, v in encoder.describe().items()}),
+            backend=backend, backend_params=dict(index.params), metric="cos", dim=encoder.dim,
+            dtype=str(index.params.get("dtype", "f32")), items=len(vectors),
+            manifest=ManifestInfo(path=str(manifest_path.resolve()), fingerprint=state["manifest_fingerprint"],
+                                  accepted=len(vectors), rejected=len(rejects)),
+            share_rule=ShareRule("softmax", temperature, note))
+        manifest.files = bundle_files(tmp)
+        write_manifest(tmp, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: BuildOptions | None = None,
+                  resume: bool = False) -> BundleManifest:
+    """Append a manifest's rows to an existing bundle (same encoder); ids already present are rejected."""
+    options = options or BuildOptions()
+    bundle_dir, manifest_path = Path(bundle_dir).resolve(), Path(manifest_path)
+    current = read_manifest(bundle_dir)
+    encoder = Encoder.from_yaml(bundle_dir / "encoder.yaml", device=options.device)
+    if encoder.fingerprint != current.encoder.fingerprint:
+        raise FastattrError(f"{bundle_dir}: encoder files changed since the bundle was built; cannot append")
+    work = bundle_dir.with_name(bundle_dir.name + ".add.partial")
+    state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
+             "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size,
+             "bundle": current.fingerprint}
+    _prepare_work_dir(work, state, resume, 0, lambda: None)
+    with ItemStore(bundle_dir / "items.sqlite") as store:
+        seen = list(store.ids())
+        first_key = store.max_key() + 1
+    accepted = _embed_manifest(manifest_path, encoder, work, options, 0, 1, seen_ids=seen)
+    vectors, rows, rejects = _merge_chunks(work, accepted)
+    with atomic_dir(bundle_dir) as tmp:
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        index = load_index(current.backend, tmp / "index", current.dim, current.backend_params, view=False)
+        keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
+        if len(vectors):
+            index.add(keys, vectors)
+        shutil.rmtree(tmp / "index")
+        (tmp / "index").mkdir()
+        index.save(tmp / "index")
+        _write_vectors(tmp, np.concatenate([np.load(tmp / "vectors.npy").astype(np.float32), vectors]))
+        with ItemStore(tmp / "items.sqlite", readonly=False) as store:
+            store.insert(_item_rows(keys, rows, bundle_dir))
+        previous = [json.loads(line) for line in (tmp / "rejects.jsonl").read_text().splitlines() if line]
+        _write_rejects(tmp / "rejects.jsonl", previous + rejects)
+        current.items += len(vectors)
+        current.manifest.accepted += len(vectors)
+        current.manifest.rejected += len(rejects)
+        current.files = bundle_files(tmp)
+        write_manifest(tmp, current)
+    shutil.rmtree(work, ignore_errors=True)
+    return current
+
+
+def save_yaml_dict(data: dict, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier) -> None:
+    state_file = work / "state.yaml"
+    if rank == 0:
+        if work.exists() and not resume:
+            raise FastattrError(f"{work}: an unfinished build is there; pass --resume to continue it, "
+                                "or delete that directory to start over")
+        if resume and state_file.is_file():
+            previous = yaml.safe_load(state_file.read_text())
+            for key, value in state.items():
+                if previous.get(key) != value:
+                    raise FastattrError(f"{work}: cannot resume: '{key}' changed since the build started "
+                                        f"({previous.get(key)!r} -> {value!r}); delete {work} to start over")
+        (work / "chunks").mkdir(parents=True, exist_ok=True)
+        save_yaml_dict(state, state_file)
+    barrier()
+
+
+def _embed_manifest(manifest_path: Path, encoder: Encoder, work: Path, options: BuildOptions, rank: int,
+                    world: int, seen_ids) -> int:
+    """Embed every chunk this process owns that is not on disk yet; returns rows accepted so far."""
+    rejects_path = work / "rejects-manifest.jsonl" if rank == 0 else None
+    if rejects_path:
+        rejects_path.unlink(missing_ok=True)  # re-derived on every pass: structure checks are cheap
+
+    def flush(chunk_index: int, rows: list[tuple[int, ManifestRow]]) -> None:
+        if chunk_index % world == rank and not (work / "chunks" / f"{chunk_index:06d}.npz").is_file():
+            _embed_chunk(chunk_index, rows, encoder, work, options)
+        bar.update(len(rows))
+
+    bar = tqdm(desc=f"embed{f' [{rank}/{world}]' if world > 1 else ''}", unit="img", disable=not options.progress)
+    seq, chunk = 0, []
+    with ManifestValidator(rejects_path, seen_ids=seen_ids) as validator:
+        for item in iter_manifest(manifest_path):
+            row = validator.check(item)
+            if row is None:
+                continue
+            chunk.append((seq, row))
+            seq += 1
+            if len(chunk) == options.chunk_size:
+                flush((seq - 1) // options.chunk_size, chunk)
+                chunk = []
+        if chunk:
+            flush((seq - 1) // options.chunk_size, chunk)
+    bar.close()
+    return seq
+
+
+def _embed_chunk(chunk_index: int, rows: list[tuple[int, ManifestRow]], encoder: Encoder, work: Path,
+                 options: BuildOptions) -> None:
+    loader = torch.utils.data.DataLoader(_ChunkDataset(rows, encoder, options.thumbnail_size),
+                                         batch_size=encoder.spec.batch_size, num_workers=options.num_workers,
+                                         collate_fn=_collate)
+    by_seq = dict(rows)
+    records, vectors = [], []
+    for batch in loader:
+        good = [(seq, inputs, thumb) for seq, inputs, thumb in batch if inputs is not None]
+        for seq, inputs, info in batch:
+            if inputs is None:
+                row = by_seq[seq]
+                records.append({"seq": seq, "reject": {"row": row.row, "source": row.source, "id": row.id, **info}})
+        if good:
+            vectors.append(encoder.embed_prepared([torch.stack(x) for x in zip(*(g[1] for g in good))]))
+            for seq, _, thumb in good:
+                row = by_seq[seq]
+                records.append({"seq": seq, "id": row.id, "caption": row.caption, "creator": row.creator,
+                                "license": row.license, "source_url": row.source_url, "sha256": row.sha256,
+                                "image": row.image_ref, "thumbnail": base64.b64encode(thumb).decode()})
+    stem = work / "chunks" / f"{chunk_index:06d}"
+    atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    with atomic_open(stem.with_suffix(".npz")) as f:  # written last: its presence marks the chunk done
+        np.savez(f, vectors=np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32))
+
+
+def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """All chunk outputs in manifest order: (vectors, item records, rejects incl. manifest-level ones)."""
+    vectors, rows, rejects = [], [], []
+    chunk_size = yaml.safe_load((work / "state.yaml").read_text())["chunk_size"]
+    for chunk_index in range(math.ceil(accepted / chunk_size)):
+        stem = work / "chunks" / f"{chunk_index:06d}"
+        if not stem.with_suffix(".npz").is_file():
+            raise FastattrError(f"{stem}.npz missing: a build process did not finish its chunks; rerun with --resume")
+        vectors.append(np.load(stem.with_suffix(".npz"))["vectors"])
+        for line in stem.with_suffix(".jsonl").read_text().splitlines():
+            record = json.loads(line)
+            (rejects.append(record["reject"]) if "reject" in record else rows.append(record))
+    manifest_rejects = work / "rejects-manifest.jsonl"
+    if manifest_rejects.is_file():
+        rejects += [json.loads(line) for line in manifest_rejects.read_text().splitlines() if line]
+    rejects.sort(key=lambda r: r["row"])
+    dim = vectors[0].shape[1] if vectors else 0
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rows, rejects
+
+
+def _item_rows(keys: np.ndarray, rows: list[dict], bundle_dir: Path):
+    """Store rows; image references become relative to the bundle so trees can move."""
+    for key, r in zip(keys, rows):
+        path, sep, member = r["image"].partition("::")
+        image = os.path.relpath(path, bundle_dir) + sep + member
+        yield (int(key), r["id"], r["caption"], r["creator"], r["license"], r["source_url"], r["sha256"],
+               image, base64.b64decode(r["thumbnail"]) or None)
+
+
+def _write_vectors(bundle_dir: Path, vectors: np.ndarray) -> None:
+    """A float32 copy of every vector in key order: the source for re-indexing and recall checks."""
+    with atomic_open(bundle_dir / "vectors.npy") as f:
+        np.save(f, vectors.astype(np.float32))
+
+
+def _write_rejects(path: Path, rejects: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+
+
+def calibrate_temperature(index, vectors: np.ndarray, samples: int = 256, seed: int = 0) -> tuple[float, str]:
+    """Share temperature T so that a typical query's 1st credit gets 10x the share of its 10th.
+
+    Queries are a sample of the bundle's own items (self-match dropped): T = median(s1 - s10) / ln 10.
+    """
+    k = min(10, len(vectors) - 1)
+    if k < 2:
+        return 0.05, "default (too few items to calibrate)"
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(len(vectors), size=min(samples, len(vectors)), replace=False)]
+    _, scores = index.search(sample, k + 1)
+    gaps = scores[:, 1] - scores[:, k]
+    temperature = max(float(np.median(gaps)) / math.log(CALIBRATION_RATIO), 1e-4)
+    return temperature, (f"median over {len(sample)} items of (s1 - s{k}) / ln {CALIBRATION_RATIO:g}: "
+                         f"the 1st credit of a typical query gets {CALIBRATION_RATIO:g}x the share of the {k}th")

@@ -1,0 +1,613 @@
+"""Training manifests: stream rows out of JSONL, CSV, Parquet or webdataset ``.tar`` shards.
+
+The index build reads millions of rows, so everything here is a generator: no manifest and no
+image is held in memory beyond the row at hand. A bad row never stops a build; it becomes a
+``Rejection`` (structural problems, found while reading) or a ``RowRejected`` (image problems,
+found by ``ManifestRow.load_image``), and ``ManifestValidator`` records it in a JSONL rejects file.
+Only a manifest that cannot be read at all raises ``FastattrError``.
+
+Columns: ``id`` (unique), ``image`` (path, relative to the manifest's folder or absolute) and
+``caption`` are required; ``creator``, ``license``, ``source_url`` and ``sha256`` (hex digest of
+the image file bytes) are optional; other columns are ignored. Webdataset/img2dataset shards
+group members by key (``00001.jpg`` + ``00001.txt`` caption + ``00001.json`` metadata).
+
+Rejection reasons: ``bad_row``, ``empty_caption``, ``duplicate_id``, ``missing_image``,
+``unreadable_image``, ``corrupt_image``, ``sha256_mismatch`` and ``corrupt_shard`` (a tar shard
+that cannot be read further; its remaining samples are skipped).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable, Iterator, Mapping, TextIO
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from fastattr_hook._io import sha256_file
+from fastattr_hook.errors import FastattrError
+
+__all__ = [
+    "ManifestRow",
+    "ManifestValidator",
+    "Rejection",
+    "RowRejected",
+    "iter_manifest",
+    "manifest_fingerprint",
+    "validate_manifest",
+]
+
+REQUIRED_COLUMNS = ("id", "image", "caption")
+OPTIONAL_COLUMNS = ("creator", "license", "source_url", "sha256")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+PARQUET_BATCH_ROWS = 4096
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".tar": "tar"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class RowRejected(Exception):
+    """One row cannot be used. ``reason`` is a short code for the rejects file; the message
+    names the file and row and says what to do."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Rejection:
+    """A row turned away; this is exactly one record of the rejects file."""
+
+    row: int
+    source: str
+    id: str | None
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    """One training item. Cheap to hold: the image is only read by ``load_image``."""
+
+    row: int  # 1-based: line number (JSONL/CSV), row index (Parquet), sample index (tar shards)
+    source: str  # "train.jsonl:12", "shard-0003.tar:000123"
+    id: str
+    caption: str
+    creator: str | None
+    license: str | None
+    source_url: str | None
+    sha256: str | None
+    image_ref: str  # absolute path, or "<abs shard path>::<member name>"
+    # (offset, size) of a tar member's bytes in its shard, so loading is one seek, not a tar scan.
+    tar_span: tuple[int, int] | None = field(default=None, repr=False)
+
+    def load_image(self) -> Image.Image:
+        """The image fully decoded as RGB, so truncated files fail here and not inside a batch."""
+        data = self._read_bytes()
+        if self.sha256 is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != self.sha256:
+                raise RowRejected(
+                    "sha256_mismatch",
+                    f"{self.source}: image {self.image_ref} has sha256 {actual} but the manifest "
+                    f"says {self.sha256}; the image changed after the manifest was written: "
+                    f"restore the image or fix the sha256, or remove the row",
+                )
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else exc
+            raise RowRejected(
+                "corrupt_image",
+                f"{self.source}: image {self.image_ref} cannot be decoded ({detail}); "
+                f"re-download or re-encode it, or remove the row",
+            ) from None
+
+    def _read_bytes(self) -> bytes:
+        if self.tar_span is None:
+            return _read_file(self.image_ref, self.source, "image", "relative paths are resolved "
+                              "against the manifest's folder; fix the path or remove the row")
+        shard, _, member = self.image_ref.rpartition("::")
+        offset, size = self.tar_span
+        data = _read_file(shard, self.source, "tar shard", "it moved after the manifest was read; "
+                          "restore it or rebuild", offset=offset, size=size)
+        if len(data) != size:
+            raise RowRejected(
+                "corrupt_image",
+                f"{self.source}: member {member} is cut short in {shard} (truncated shard); "
+                f"re-download or re-create the shard",
+            )
+        return data
+
+
+def _read_file(path: str, source: str, what: str, fix: str, offset: int = 0, size: int = -1) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except FileNotFoundError:
+        raise RowRejected(
+            "missing_image",
+            f"{source}: {what} not found at {path}; {fix}",
+        ) from None
+    except OSError as exc:
+        raise RowRejected(
+            "unreadable_image",
+            f"{source}: cannot read {what} {path} ({exc.strerror or exc}); "
+            f"fix its permissions or path, or remove the row",
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading manifests
+
+
+def iter_manifest(path: str | Path) -> Iterator[ManifestRow | Rejection]:
+    """Rows in manifest order, streamed; structurally bad rows come out as ``Rejection``.
+
+    The checks that make a manifest unreadable (missing file, unknown type, CSV header, Parquet
+    schema) run now, before the first row, so a build fails fast instead of mid-stream.
+    """
+    kind, files = _manifest_files(path)
+    if kind == "jsonl":
+        _check_jsonl(files[0])
+        return _iter_jsonl(files[0])
+    if kind == "csv":
+        return _iter_csv(files[0], _csv_header(files[0]))
+    if kind == "parquet":
+        return _iter_parquet(files[0], _parquet_columns(files[0]))
+    return _iter_tar(files)
+
+
+def _manifest_files(path: str | Path) -> tuple[str, list[Path]]:
+    """The format and the absolute file(s) behind a manifest path (file, shard folder or glob)."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise FastattrError(
+                f"{path}: folder has no *.tar shards; point at a .jsonl/.csv/.parquet manifest "
+                f"or a folder of webdataset .tar shards"
+            )
+        return "tar", shards
+    if not path.exists():
+        if any(ch in str(path) for ch in "*?["):
+            shards = sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+            if not shards:
+                raise FastattrError(f"{path}: no .tar shards match this pattern; check the glob")
+            return "tar", shards
+        raise FastattrError(f"{path}: manifest not found; check the path")
+    kind = _FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise FastattrError(
+            f"{path}: unknown manifest type '{path.suffix}'; use .jsonl/.json (JSON lines), "
+            f".csv, .parquet, a .tar shard or a folder of .tar shards"
+        )
+    return kind, [path]
+
+
+def _check_jsonl(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            first = next((line for line in f if line.strip()), b"")
+    except OSError as exc:
+        raise FastattrError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+    head = first.strip().removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head == b"[" or head.startswith(b"[{"):  # json.dump of a list, indented or on one line
+        raise FastattrError(
+            f"{path}: this is a JSON array, not JSON lines; write one JSON object per line"
+        )
+
+
+def _iter_jsonl(path: Path) -> Iterator[ManifestRow | Rejection]:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            source = f"{path.name}:{number}"
+            try:
+                fields = json.loads(line)
+            except ValueError as exc:
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: not valid JSON ({exc}); fix the line or remove it")
+                continue
+            if not isinstance(fields, dict):
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: expected a JSON object, got {type(fields).__name__}; "
+                                f"fix the line or remove it")
+                continue
+            yield _file_row(fields, number, source, path.parent)
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FastattrError(f"{path}: cannot read the CSV header ({exc}); save it as UTF-8 CSV") from None
+    header = [name.strip() for name in header or []]
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise FastattrError(
+            f"{path}: the header row lacks required column(s) {', '.join(missing)} "
+            f"(first line: {', '.join(header)[:200]!r}); the first line must name the columns, "
+            f"e.g. id,image,caption"
+        )
+    return header
+
+
+def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader)  # the header, checked by _csv_header
+        while True:
+            number = reader.line_num + 1  # first line of the next record (records may span lines)
+            source = f"{path.name}:{number}"
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise FastattrError(
+                    f"{source}: not UTF-8 text; re-save the manifest as UTF-8"
+                ) from None
+            except csv.Error as exc:
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: not valid CSV ({exc}); fix the quoting or remove the row")
+                continue
+            if not values:
+                continue  # blank line
+            if len(values) != len(header):
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: {len(values)} fields but the header has {len(header)}; "
+                                f"quote fields that contain commas, or remove the row")
+                continue
+            yield _file_row(dict(zip(header, values)), number, source, path.parent)
+
+
+def _parquet_file(path: Path) -> Any:
+    """Open with pyarrow, imported only here because it is an optional extra."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise FastattrError(
+            f"{path}: reading Parquet manifests needs pyarrow; run: pip install 'fastattr[parquet]'"
+        ) from None
+    try:
+        return pyarrow.parquet.ParquetFile(path)
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise FastattrError(f"{path}: not a readable Parquet file ({exc}); re-export it") from None
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    """The manifest columns present, so only they are read (a table may also carry pixels)."""
+    with _parquet_file(path) as parquet:
+        names = parquet.schema_arrow.names
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        raise FastattrError(
+            f"{path}: missing required column(s) {', '.join(missing)} "
+            f"(found: {', '.join(names)[:200]}); add them or rename the columns"
+        )
+    return [name for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if name in names]
+
+
+def _iter_parquet(path: Path, columns: list[str]) -> Iterator[ManifestRow | Rejection]:
+    number = 0
+    with _parquet_file(path) as parquet:
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            for fields in batch.to_pylist():
+                number += 1
+                yield _file_row(fields, number, f"{path.name}:{number}", path.parent)
+
+
+def _iter_tar(shards: list[Path]) -> Iterator[ManifestRow | Rejection]:
+    number = 0  # counts samples across all shards, so ``row`` is unique in the manifest
+    for shard in shards:
+        samples = 0
+        try:
+            for key, parts in _tar_samples(shard):
+                number += 1
+                samples += 1
+                yield _tar_row(shard, key, parts, number)
+        except (tarfile.TarError, OSError) as exc:
+            number += 1
+            yield Rejection(number, shard.name, None, "corrupt_shard",
+                            f"{shard.name}: cannot read the tar shard after {samples} samples "
+                            f"({exc}); re-download or re-create it (its remaining samples are skipped)")
+
+
+def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Webdataset grouping: consecutive members sharing a key (path up to the first dot of the
+    file name) form one sample. Captions and metadata are read; images are only located."""
+    key: str | None = None
+    parts: dict[str, Any] = {}
+    with tarfile.open(shard, "r:") as tar:
+        for member in tar:
+            folder, _, name = member.name.rpartition("/")
+            if not member.isfile() or name.startswith(".") or "." not in name:
+                continue
+            stem, _, extension = name.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            if member_key != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = member_key, {}
+            extension = extension.lower()
+            if extension in ("txt", "json"):
+                parts[extension] = tar.extractfile(member).read()
+            elif extension in IMAGE_EXTENSIONS and "image" not in parts:
+                parts["image"] = member
+        if key is not None:
+            yield key, parts
+        # tarfile reads a shard cut at a header boundary as a clean end; a real end has two zero blocks.
+        if shard.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("no end-of-archive marker, the shard is truncated")
+
+
+def _tar_row(shard: Path, key: str, parts: dict[str, Any], number: int) -> ManifestRow | Rejection:
+    source = f"{shard.name}:{key}"
+    fields: dict[str, Any] = {}
+    try:
+        meta = _tar_json(parts.get("json"), source)
+        fields = {name: meta.get(name) for name in OPTIONAL_COLUMNS}
+        fields["id"] = _first(meta, "id", "key")
+        if fields["id"] is None:
+            fields["id"] = f"{shard.stem}/{key}"
+        fields["source_url"] = _first(meta, "source_url", "url")
+        if "txt" in parts:
+            try:
+                fields["caption"] = parts["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise RowRejected("bad_row", f"{source}: {key}.txt is not UTF-8 text; "
+                                             f"re-save the caption as UTF-8") from None
+        elif "caption" in meta:
+            fields["caption"] = meta["caption"]
+        member = parts.get("image")
+        if member is None:
+            raise RowRejected("missing_image", f"{source}: sample has no .jpg/.jpeg/.png/.webp "
+                                               f"member; add the image or drop the sample")
+        return _build_row(fields, number, source, f"{shard}::{member.name}",
+                          (member.offset_data, member.size))
+    except RowRejected as exc:
+        return Rejection(number, source, _id_or_none(fields), exc.reason, exc.message)
+
+
+def _tar_json(data: bytes | None, source: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:
+        raise RowRejected("bad_row", f"{source}: metadata .json is not valid JSON ({exc}); "
+                                     f"fix it or drop the sample") from None
+    if not isinstance(meta, dict):
+        raise RowRejected("bad_row", f"{source}: metadata .json is not a JSON object; "
+                                     f"fix it or drop the sample")
+    return meta
+
+
+def _first(meta: Mapping[str, Any], *names: str) -> Any:
+    return next((meta[name] for name in names if meta.get(name) not in (None, "")), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# One row's fields -> ManifestRow or Rejection
+
+
+def _file_row(fields: Mapping[str, Any], number: int, source: str, base: Path) -> ManifestRow | Rejection:
+    """A row of a JSONL/CSV/Parquet manifest, whose ``image`` is a path."""
+    try:
+        image = _text(fields, "image", source, required=True)
+        return _build_row(fields, number, source, os.path.normpath(os.path.join(base, image)))
+    except RowRejected as exc:
+        return Rejection(number, source, _id_or_none(fields), exc.reason, exc.message)
+
+
+def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: str,
+               tar_span: tuple[int, int] | None = None) -> ManifestRow:
+    ident = _text(fields, "id", source, required=True)
+    if "caption" not in fields:
+        raise RowRejected("bad_row", f"{source}: missing 'caption'; add a caption or remove the row")
+    caption = _text(fields, "caption", source)
+    if caption is None:
+        raise RowRejected("empty_caption", f"{source}: caption is empty; write a caption or remove the row")
+    sha256 = _text(fields, "sha256", source)
+    if sha256 is not None:
+        sha256 = sha256.lower()
+        if not _SHA256.fullmatch(sha256):
+            raise RowRejected("bad_row", f"{source}: sha256 {sha256[:80]!r} is not 64 hex digits; "
+                                         f"fix it or leave it empty")
+    return ManifestRow(
+        row=number,
+        source=source,
+        id=ident,
+        caption=caption,
+        creator=_text(fields, "creator", source),
+        license=_text(fields, "license", source),
+        source_url=_text(fields, "source_url", source),
+        sha256=sha256,
+        image_ref=image_ref,
+        tar_span=tar_span,
+    )
+
+
+def _text(fields: Mapping[str, Any], name: str, source: str, required: bool = False) -> str | None:
+    """A stripped text value; empty and null count as absent. Integers are accepted (numeric ids)."""
+    value = fields.get(name)
+    if isinstance(value, bool) or not isinstance(value, (str, int, type(None))):
+        raise RowRejected("bad_row", f"{source}: '{name}' must be text, got {type(value).__name__}; "
+                                     f"fix the value or remove the row")
+    text = None if value is None else str(value).strip() or None
+    if text is None and required:
+        raise RowRejected("bad_row", f"{source}: missing '{name}'; fill it in or remove the row")
+    return text
+
+
+def _id_or_none(fields: Mapping[str, Any]) -> str | None:
+    """The id for a rejects record, when the row has a usable one."""
+    value = fields.get("id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    return str(value).strip() or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: de-duplication and the rejects file
+
+
+class ManifestValidator:
+    """Streaming de-duplication by id plus the rejects file (JSONL, one ``Rejection`` a line).
+
+    Every record is written and flushed as it happens, so the file is complete up to the last
+    row even if the build is killed. ``seen_ids`` are ids already in the bundle.
+
+    * ``resume=False`` (new bundle, or appending a manifest): the rejects file starts empty and
+      a row whose id is in ``seen_ids`` is a ``duplicate_id``.
+    * ``resume=True`` (re-running a killed build of the same manifest from its first row): the
+      rejects file is kept, rows it already records are not written again, and a trailing
+      half-written line is cut off. ``seen_ids`` are the rows indexed before the kill: the first
+      row with such an id is skipped (``check`` returns None, counted as ``already_indexed``);
+      a later row with the same id is still a duplicate.
+    """
+
+    def __init__(self, rejects_path: str | Path | None, seen_ids: Iterable[str] = (), *,
+                 resume: bool = False) -> None:
+        self.rejects_path = Path(rejects_path) if rejects_path is not None else None
+        self.accepted = 0
+        self.already_indexed = 0
+        self.by_reason: Counter[str] = Counter()
+        self._rejected_rows: set[int] = set()
+        # id -> row that claimed it; 0 = already in the bundle (for the duplicate message)
+        self._ids: dict[str, int] = {} if resume else dict.fromkeys(seen_ids, 0)
+        self._indexed: set[str] = set(seen_ids) if resume else set()
+        self._file: TextIO | None = None
+        if self.rejects_path is not None:
+            self.rejects_path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and self.rejects_path.exists():
+                self._load_rejects(self.rejects_path)
+            self._file = open(self.rejects_path, "a" if resume else "w", encoding="utf-8")
+
+    def check(self, item: ManifestRow | Rejection) -> ManifestRow | None:
+        """The row if it may be indexed; None if rejected (recorded) or already indexed."""
+        if isinstance(item, Rejection):
+            self._record(item)
+            return None
+        claimed_by = self._ids.get(item.id)
+        if claimed_by is not None:
+            where = "is already in the bundle" if claimed_by == 0 else f"is already used at row {claimed_by}"
+            self._record(Rejection(item.row, item.source, item.id, "duplicate_id",
+                                   f"{item.source}: id '{item.id}' {where}; give every row a "
+                                   f"unique id or remove the duplicate"))
+            return None
+        self._ids[item.id] = item.row
+        if item.id in self._indexed:
+            self._indexed.discard(item.id)
+            self.already_indexed += 1
+            return None
+        self.accepted += 1
+        return item
+
+    def reject(self, row: ManifestRow, exc: RowRejected) -> None:
+        """Record a row that ``check`` accepted but whose image then failed to load.
+
+        Its id stays claimed, so a later row with the same id is still a duplicate.
+        """
+        self.accepted -= 1
+        self._record(Rejection(row.row, row.source, row.id, exc.reason, exc.message))
+
+    @property
+    def summary(self) -> dict:
+        """Counts for the whole manifest; on resume ``rejected`` includes the earlier records."""
+        return {
+            "accepted": self.accepted,
+            "already_indexed": self.already_indexed,
+            "rejected": sum(self.by_reason.values()),
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "rejects_file": str(self.rejects_path) if self.rejects_path is not None else None,
+        }
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> ManifestValidator:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _record(self, rejection: Rejection) -> None:
+        if rejection.row in self._rejected_rows:
+            return  # recorded before a resume
+        self._rejected_rows.add(rejection.row)
+        self.by_reason[rejection.reason] += 1
+        if self._file is not None:
+            self._file.write(json.dumps(rejection.__dict__, ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def _load_rejects(self, path: Path) -> None:
+        """Take over the records of a killed build; cut a half-written last line."""
+        complete = 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(line)
+                    self._rejected_rows.add(int(record["row"]))
+                    self.by_reason[str(record["reason"])] += 1
+                except (ValueError, KeyError, TypeError):
+                    raise FastattrError(
+                        f"{path}:{number}: not a rejects record; delete the file and rebuild "
+                        f"without resuming"
+                    ) from None
+                complete += len(line)
+        if complete != path.stat().st_size:
+            os.truncate(path, complete)
+
+
+def validate_manifest(path: str | Path, rejects_path: str | Path | None = None,
+                      check_images: bool = True, progress: bool = True) -> dict:
+    """Read the whole manifest the way the index build does (optionally decoding every image)
+    and return the validator's summary, so problems surface before hours of encoding."""
+    with ManifestValidator(rejects_path) as validator:
+        items = iter_manifest(path)
+        for item in tqdm(items, desc=f"validate {Path(path).name}", unit="row", disable=not progress):
+            row = validator.check(item)
+            if row is not None and check_images:
+                try:
+                    row.load_image().close()
+                except RowRejected as exc:
+                    validator.reject(row, exc)
+    return validator.summary
+
+
+def manifest_fingerprint(path: str | Path) -> str:
+    """sha256 of the manifest bytes, to refuse resuming a build over a changed manifest.
+
+    A single file gives its plain sha256 (what ``sha256sum`` prints). Tar shards give the sha256
+    of their ``name<TAB>sha256`` lines, so renaming, adding or removing a shard changes it too.
+    """
+    kind, files = _manifest_files(path)
+    if kind != "tar":
+        return sha256_file(files[0])
+    listing = "".join(f"{shard.name}\t{sha256_file(shard)}\n" for shard in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()

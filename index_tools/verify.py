@@ -1,0 +1,139 @@
+"""``fastattr index verify``: is this bundle intact, consistent and searchable?
+
+Cheap checks (structure, checksums, counts, dimensions, encoder fingerprint) always run;
+``deep`` re-embeds a random sample of items from their source images and checks that each
+finds itself first, and measures the ANN backend's recall@10 against exact search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastattr_hook._io import sha256_file
+from fastattr_hook.bundle import read_manifest
+from fastattr_hook.encoder import Encoder
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.items import ItemStore
+from fastattr_hook.search import load_index, recall_at_k
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    bundle: str
+    checks: list[Check] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(name, bool(ok), detail))
+        return bool(ok)
+
+    def to_dict(self) -> dict:
+        return {"bundle": self.bundle, "ok": self.ok, "checks": [asdict(c) for c in self.checks],
+                "figures": self.figures}
+
+    def format(self) -> str:
+        lines = [f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in self.checks]
+        lines.append(f"{self.bundle}: {'OK' if self.ok else 'FAILED'}")
+        return "\n".join(lines)
+
+
+def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_recall: float = 0.95,
+                  seed: int = 0) -> Report:
+    path = Path(path)
+    report = Report(str(path))
+    try:
+        manifest = read_manifest(path)
+    except FastattrError as exc:
+        report.add("structure", False, str(exc))
+        return report
+    report.add("structure", True, f"schema {manifest.schema}, backend {manifest.backend}, {manifest.items} items")
+
+    bad = []
+    for rel, expected in manifest.files.items():
+        file = path / rel
+        if not file.is_file():
+            bad.append(f"{rel} missing")
+        elif sha256_file(file) != expected:
+            bad.append(f"{rel} changed (checksum mismatch)")
+    listed = set(manifest.files)
+    extra = [p.relative_to(path).as_posix() for p in path.rglob("*")
+             if p.is_file() and p.name != "bundle.yaml" and not p.name.startswith(".")
+             and p.relative_to(path).as_posix() not in listed]
+    bad += [f"{rel} not listed in bundle.yaml" for rel in extra]
+    if not report.add("checksums", not bad, "; ".join(bad) or f"{len(listed)} files match bundle.yaml"):
+        return report  # nothing below can be trusted
+
+    try:
+        encoder = Encoder.from_yaml(path / "encoder.yaml", device="cpu")
+        fingerprint_ok = encoder.fingerprint == manifest.encoder.fingerprint
+        report.add("encoder", fingerprint_ok,
+                   f"fingerprint {encoder.fingerprint[:19]}... "
+                   + ("matches" if fingerprint_ok else f"!= bundle's {manifest.encoder.fingerprint[:19]}... "
+                      "(encoder weights or spec changed since the build)"))
+    except FastattrError as exc:
+        report.add("encoder", False, str(exc))
+        return report
+
+    index = load_index(manifest.backend, path / "index", manifest.dim, manifest.backend_params, view=True)
+    vectors = np.load(path / "vectors.npy", mmap_mode="r")
+    with ItemStore(path / "items.sqlite") as store:
+        counts = {"bundle.yaml": manifest.items, "index": len(index), "items store": store.count(),
+                  "vectors.npy": len(vectors), "accepted manifest rows": manifest.manifest.accepted}
+        report.add("counts", len(set(counts.values())) == 1, ", ".join(f"{k} {v}" for k, v in counts.items()))
+        dims = {"bundle.yaml": manifest.dim, "encoder": encoder.dim, "vectors.npy": vectors.shape[1]}
+        report.add("dimensions", len(set(dims.values())) == 1, ", ".join(f"{k} {v}" for k, v in dims.items()))
+        if deep and report.ok:
+            _deep_checks(report, path, manifest, encoder, index, vectors, store, sample, min_recall, seed)
+    return report
+
+
+def _deep_checks(report: Report, path: Path, manifest, encoder: Encoder, index, vectors, store: ItemStore,
+                 sample: int, min_recall: float, seed: int) -> None:
+    from .manifest import ManifestRow, RowRejected
+
+    keys = store.sample_keys(sample, seed=seed)
+    items = store.get(keys)
+    images, texts, failures = [], [], []
+    for key in keys:
+        item = items[key]
+        image_ref = item.image if Path(item.image).is_absolute() else str(path.resolve() / item.image)
+        row = ManifestRow(row=key + 1, source=f"items.sqlite:key {key}", id=item.id, caption=item.caption,
+                          creator=item.creator, license=item.license, source_url=item.source_url,
+                          sha256=item.sha256, image_ref=image_ref)
+        try:
+            images.append(row.load_image())
+            texts.append(item.caption)
+        except RowRejected as exc:
+            failures.append(f"{item.id}: {exc}")
+    if not report.add("source images", not failures, "; ".join(failures[:5]) or f"{len(keys)} sampled images readable"):
+        return
+    fresh = encoder.embed(images, texts, role="item")
+    found, _ = index.search(fresh, 1)
+    misses = [items[k].id for k, top in zip(keys, found[:, 0]) if top != k]
+    report.figures["self_found_first"] = 1 - len(misses) / len(keys)
+    report.add("self-retrieval", not misses,
+               f"{len(keys) - len(misses)}/{len(keys)} re-embedded items find themselves first"
+               + (f"; misses: {', '.join(misses[:5])}" if misses else ""))
+
+    all_vectors = np.asarray(vectors, dtype=np.float32)
+    queries = all_vectors[keys]
+    exact = np.argsort(-(queries @ all_vectors.T), axis=1)[:, :10]
+    approx, _ = index.search(queries, 10)
+    recall = recall_at_k(approx, exact, 10)
+    report.figures["recall_at_10"] = recall
+    report.add("recall@10", recall >= min_recall,
+               f"{manifest.backend} vs exact search: {recall:.3f} (minimum {min_recall})")

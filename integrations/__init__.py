@@ -1,0 +1,1 @@
+"""Where users meet fastattr: diffusers callbacks, ComfyUI nodes and the demo."""

@@ -1,0 +1,144 @@
+"""diffusers integration: attribute every image a pipeline makes.
+
+Two ways in:
+
+- ``AttributionCallback``: a ``diffusers.callbacks.PipelineCallback``. At the last denoising step
+  it decodes the final latents the way the pipeline does and attributes each image of the batch.
+  Composes with other callbacks through ``MultiPipelineCallbacks``; changes nothing the pipeline
+  computes. Costs one extra VAE decode (callbacks see latents, not images).
+- ``with_attribution(pipe, bundle=...)``: the common case. Runs the pipeline as usual and
+  attributes the images it returns (no second decode); ``output.attributions`` holds the results
+  and each returned PIL image carries its attribution in ``image.info["fastattr"]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers.callbacks import PipelineCallback
+
+from fastattr_hook.attribution import Attribution
+from fastattr_hook.attributor import Attributor
+from fastattr_hook.errors import FastattrError
+
+
+def _attributor(source: Attributor | str | Path, device: str | None = None) -> Attributor:
+    return source if isinstance(source, Attributor) else Attributor.from_bundle(source, device=device)
+
+
+def expand_prompts(prompt: str | Sequence[str], batch_size: int) -> list[str]:
+    """One prompt per image, in diffusers' order (each prompt's num_images_per_prompt images together)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or batch_size % len(prompts):
+        raise FastattrError(f"{batch_size} images cannot come from {len(prompts)} prompts; "
+                            "pass the same prompt(s) the pipeline was called with")
+    per_prompt = batch_size // len(prompts)
+    return [p for p in prompts for _ in range(per_prompt)]
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents: torch.Tensor) -> list:
+    """Final latents -> PIL images, following the pipeline family's own recipe."""
+    name = type(pipeline).__name__
+    vae = getattr(pipeline, "vae", None)
+    processor = getattr(pipeline, "image_processor", None)
+    if vae is None or processor is None or not name.startswith("StableDiffusion"):
+        raise FastattrError(
+            f"AttributionCallback cannot decode latents of {name}; supported: Stable Diffusion 1.x/2.x, SDXL and "
+            "the sandbox pipeline. For other pipelines, attribute the returned images with "
+            "Attributor.attribute(images, prompts) or use with_attribution(pipe, ...)")
+    config = vae.config
+    if "XL" in name:
+        needs_upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        dtype = torch.float32 if needs_upcast else vae.dtype
+        latents = latents.to(dtype)
+        if needs_upcast:
+            vae = vae.to(torch.float32)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        if needs_upcast:
+            vae.to(torch.float16)
+    else:
+        images = vae.decode(latents.to(vae.dtype) / config.scaling_factor, return_dict=False)[0]
+    return processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(images))
+
+
+class AttributionCallback(PipelineCallback):
+    """Attributes the final images at the last step; results in ``self.attributions`` (batch order).
+
+    ``prompt`` must be what the pipeline was called with (diffusers does not pass it to
+    callbacks); negative prompts play no part in attribution.
+    """
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, attributor: Attributor | str | Path, prompt: str | Sequence[str] | None = None, k: int = 10,
+                 device: str | None = None):
+        super().__init__()
+        self.attributor = _attributor(attributor, device)
+        self.prompt, self.k = prompt, k
+        self.attributions: list[Attribution] = []
+        self.images: list = []
+
+    def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if step_index == pipeline.num_timesteps - 1:
+            if self.prompt is None:
+                raise FastattrError("AttributionCallback needs the prompt: AttributionCallback(bundle, prompt=...)")
+            latents = callback_kwargs["latents"]
+            self.images = decode_latents(pipeline, latents)
+            self.attributions = self.attributor.attribute(self.images, expand_prompts(self.prompt, len(latents)),
+                                                          k=self.k)
+        return callback_kwargs
+
+
+class AttributedPipeline:
+    """A pipeline whose outputs carry attributions; every other attribute passes through."""
+
+    def __init__(self, pipeline, attributor: Attributor, k: int = 10):
+        self.pipeline, self.attributor, self.k = pipeline, attributor, k
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipeline, name)
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, *args, **kwargs):
+        if prompt is None:
+            raise FastattrError("with_attribution pipelines need `prompt` as text (prompt_embeds alone "
+                                "cannot be attributed)")
+        output_type = kwargs.get("output_type", "pil")
+        return_dict = kwargs.get("return_dict", True)
+        output = self.pipeline(prompt, *args, **kwargs)
+        images = output.images if return_dict else output[0]
+        if output_type == "latent":
+            images = decode_latents(self.pipeline, images)
+        elif output_type == "pt":
+            images = list(images.permute(0, 2, 3, 1).float().cpu())
+        attributions = self.attributor.attribute(list(images), expand_prompts(prompt, len(images)), k=self.k)
+        for image, attribution in zip(images, attributions):
+            if hasattr(image, "info"):
+                image.info["fastattr"] = attribution.to_json()
+        if not return_dict:
+            return (*output, attributions)
+        output.attributions = attributions
+        return output
+
+
+def with_attribution(pipeline, bundle: Attributor | str | Path, k: int = 10, device: str | None = None) -> AttributedPipeline:
+    """Wrap a diffusers pipeline so that each call also returns who made its images."""
+    return AttributedPipeline(pipeline, _attributor(bundle, device), k)
+
+
+def save_image(image, path: str | Path, **options) -> Path:
+    """Save a returned image with every credit carrier (PNG/JPEG/WebP metadata + sidecar)."""
+    from fastattr_hook.metadata import save_with_attribution
+
+    if "fastattr" not in getattr(image, "info", {}):
+        raise FastattrError("this image carries no attribution; produce it with with_attribution(pipe, ...)")
+    return save_with_attribution(image, path, Attribution.from_json(image.info["fastattr"]), **options)

@@ -1,0 +1,73 @@
+"""CLI surface and the YAML schema validation every config goes through."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from fastattr_hook import __version__
+from fastattr_hook.config import load_yaml
+from fastattr_hook.errors import FastattrError
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastattr_hook.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_subcommands_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("sandbox", "index", "attribute", "inspect"):
+        assert command in result.stdout
+    assert run_cli("--version").stdout.strip() == f"fastattr {__version__}"
+
+
+def test_runtime_import_stays_light():
+    code = ("import sys, fastattr_hook, fastattr_hook.attribution, fastattr_hook.cli; "
+            "heavy = [m for m in ('torch', 'diffusers', 'open_clip', 'fastattr_sandbox') if m in sys.modules]; "
+            "print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path):
+    result = run_cli("index", "info", str(tmp_path))
+    assert result.returncode == 2
+    assert "bundle.yaml: not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@dataclass
+class _Inner:
+    size: int
+    ratio: float = 0.5
+
+
+@dataclass
+class _Config:
+    name: str
+    inner: _Inner
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None
+
+
+def test_yaml_schema_accepts_valid_and_names_bad_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ninner: {size: 3}\ntags: [a, b]\n")
+    config = load_yaml(_Config, path)
+    assert config.inner.size == 3 and config.inner.ratio == 0.5 and config.tags == ["a", "b"]
+
+    path.write_text("name: x\ninner: {size: 3, sise: 4}\n")
+    with pytest.raises(FastattrError, match=r"c\.yaml: unknown key 'inner\.sise'"):
+        load_yaml(_Config, path)
+    path.write_text("name: x\ninner: {size: three}\n")
+    with pytest.raises(FastattrError, match=r"c\.yaml: key 'inner\.size' must be an integer"):
+        load_yaml(_Config, path)
+    path.write_text("inner: {size: 1}\n")
+    with pytest.raises(FastattrError, match="missing required key 'name'"):
+        load_yaml(_Config, path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(FastattrError, match="not valid YAML"):
+        load_yaml(_Config, path)

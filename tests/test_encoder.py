@@ -1,0 +1,146 @@
+"""Encoder specs, backbones, the published head layout and score orientation."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from fastattr_hook.encoder import Encoder
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.head import AttributionHead, load_head, save_head
+
+
+def _published_state_dict(in_features=128, hidden=32, out=16, scale=-3.0):
+    """The authors' checkpoint layout: mlp.layers.{i}, mlp.output_layer, scale, bias."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    widths = [in_features, hidden, hidden, hidden]
+    for i in range(3):
+        state[f"mlp.layers.{i}.weight"] = torch.randn(widths[i + 1], widths[i], generator=g) * 0.1
+        state[f"mlp.layers.{i}.bias"] = torch.randn(widths[i + 1], generator=g) * 0.1
+    state["mlp.output_layer.weight"] = torch.randn(out, hidden, generator=g) * 0.1
+    state["mlp.output_layer.bias"] = torch.zeros(out)
+    state["scale"] = torch.tensor([scale])
+    state["bias"] = torch.tensor([0.5])
+    return state
+
+
+def test_published_head_layout_loads_with_weights_only(tmp_path):
+    state = _published_state_dict()
+    torch.save(state, tmp_path / "head.pt")
+    head = load_head(tmp_path / "head.pt")
+    assert (head.in_features, head.out_features) == (128, 16)
+    x = torch.randn(4, 128)
+    expected = x
+    for i in range(3):
+        expected = torch.relu(expected @ state[f"mlp.layers.{i}.weight"].T + state[f"mlp.layers.{i}.bias"])
+    expected = expected @ state["mlp.output_layer.weight"].T + state["mlp.output_layer.bias"]
+    assert torch.allclose(head(x), expected, atol=1e-6)
+    assert float(head.scale) == -3.0 and float(head.bias) == 0.5
+    save_head(head, tmp_path / "head.safetensors")
+    again = load_head(tmp_path / "head.safetensors")
+    assert torch.equal(again(x), head(x))
+
+
+def test_head_refuses_pickled_objects_and_wrong_layouts(tmp_path):
+    torch.save({"mlp.layers.0.weight": torch.zeros(2, 2), "payload": object()}, tmp_path / "evil.pt")
+    with pytest.raises(FastattrError, match="not a loadable torch state_dict"):
+        load_head(tmp_path / "evil.pt")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(FastattrError, match="not an attribution head"):
+        load_head(tmp_path / "other.pt")
+
+
+def test_untuned_encoder_concatenates_normalised_features(micro_sandbox):
+    encoder = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
+    assert encoder.dim == 128 and encoder.head is None
+    image = Image.open(next((micro_sandbox / "data" / "images").glob("*.png")))
+    vectors = encoder.embed([image, np.asarray(image), torch.from_numpy(np.asarray(image) / 255.0)],
+                            ["a red circle"] * 3)
+    assert vectors.shape == (3, 128)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(vectors[0], vectors[1], atol=1e-6) and np.allclose(vectors[0], vectors[2], atol=1e-3)
+    # each backbone contributes half of the unit vector
+    assert np.allclose(np.linalg.norm(vectors[:, :64], axis=1), np.sqrt(0.5), atol=1e-5)
+
+
+def _spec_with_head(sandbox, tmp_path, scale):
+    head = AttributionHead(128, 32, 16)
+    with torch.no_grad():
+        head.scale.fill_(scale)
+    save_head(head, tmp_path / f"head{scale}.safetensors")
+    spec = yaml.safe_load((sandbox / "encoder.yaml").read_text())
+    for b in spec["backbones"]:
+        b["model"] = "local-dir:" + str(sandbox / "clip")
+        if b.get("tokenizer"):
+            b["tokenizer"] = str(sandbox / "pipeline" / "tokenizer")
+    spec["head"] = str(tmp_path / f"head{scale}.safetensors")
+    path = tmp_path / f"encoder{scale}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_orientation_higher_score_means_more_influence(micro_sandbox, tmp_path):
+    image = Image.open(next((micro_sandbox / "data" / "images").glob("*.png")))
+    negative = Encoder.from_yaml(_spec_with_head(micro_sandbox, tmp_path, -2.0), device="cpu")
+    positive = Encoder.from_yaml(_spec_with_head(micro_sandbox, tmp_path, 2.0), device="cpu")
+    assert negative.orientation == 1.0 and positive.orientation == -1.0
+    for encoder in (negative, positive):
+        item = encoder.embed([image], ["a caption"], role="item")
+        query = encoder.embed([image], ["a caption"], role="query")
+        # identical inputs: cosine 1. With a positive scale a HIGH cosine means LOW influence (label = rank
+        # fraction), so the oriented score of an identical item must be the lowest possible.
+        assert float(query @ item.T) == pytest.approx(encoder.orientation, abs=1e-5)
+
+
+def test_head_width_mismatch_is_a_clear_error(micro_sandbox, tmp_path):
+    save_head(AttributionHead(99, 8, 8), tmp_path / "bad.safetensors")
+    spec = yaml.safe_load(_spec_with_head(micro_sandbox, tmp_path, -1.0).read_text())
+    spec["head"] = str(tmp_path / "bad.safetensors")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FastattrError, match="expects 99-d input but the backbones give 128-d"):
+        Encoder.from_yaml(tmp_path / "bad.yaml", device="cpu")
+
+
+def test_fingerprint_follows_content_not_location(micro_sandbox, tmp_path):
+    copy = tmp_path / "moved"
+    for part in ("clip", "pipeline/tokenizer"):
+        shutil.copytree(micro_sandbox / part, copy / part)
+    shutil.copy(micro_sandbox / "encoder.yaml", copy / "encoder.yaml")
+    original = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu").fingerprint
+    assert Encoder.from_yaml(copy / "encoder.yaml", device="cpu").fingerprint == original
+    config = copy / "clip" / "open_clip_config.json"
+    config.write_text(config.read_text().replace('"interpolation": "bicubic"', '"interpolation": "bilinear"'))
+    assert Encoder.from_yaml(copy / "encoder.yaml", device="cpu").fingerprint != original
+
+
+def test_timm_backbone_loads_local_weights_with_method_preprocessing(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    save_file(model.state_dict(), str(tmp_path / "vit.safetensors"))
+    (tmp_path / "enc.yaml").write_text(yaml.safe_dump({
+        "name": "tiny-vit", "batch_size": 2,
+        "backbones": [{"kind": "timm_image", "model": "vit_tiny_patch16_224", "weights": "vit.safetensors"}]}))
+    encoder = Encoder.from_yaml(tmp_path / "enc.yaml", device="cpu")
+    transform = encoder.backbones[0].transform.transforms
+    assert transform[0].size == 256 and transform[0].interpolation.value == "bicubic"
+    assert transform[1].size == (224, 224)
+    assert tuple(transform[3].mean) == (0.485, 0.456, 0.406)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 260, 3), dtype=np.uint8))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.eval()(encoder.backbones[0].prepare(image, "")[None]), dim=-1)
+    got = encoder.embed([image], [""])
+    assert np.allclose(got, expected.numpy(), atol=1e-5)
+
+
+def test_unknown_spec_key_names_key_and_file(tmp_path):
+    (tmp_path / "enc.yaml").write_text("name: x\nbackbones: []\nheads: h.safetensors\n")
+    with pytest.raises(FastattrError, match=r"enc\.yaml: unknown key 'heads'"):
+        Encoder.from_yaml(tmp_path / "enc.yaml")

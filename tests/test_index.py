@@ -1,0 +1,237 @@
+"""Index bundles end to end on the micro sandbox: build, verify, resume, tamper, opt-out, attribute."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastattr_hook.attributor import Attributor
+from fastattr_hook.bundle import read_manifest
+from fastattr_hook.errors import FastattrError
+from index_tools import build as build_mod
+from index_tools.build import BuildOptions, add_to_bundle, build_bundle
+from index_tools.optout import remove_items
+from index_tools.verify import verify_bundle
+
+
+@pytest.fixture(scope="module")
+def sandbox(micro_sandbox):
+    return micro_sandbox
+
+
+@pytest.fixture(scope="module")
+def rows(sandbox):
+    return [json.loads(line) for line in (sandbox / "data" / "manifest.jsonl").read_text().splitlines()]
+
+
+def _options(**kw):
+    return BuildOptions(progress=False, **{"chunk_size": 64, **kw})
+
+
+@pytest.fixture(scope="module")
+def exact_bundle(sandbox, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "exact"
+    build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(backend="exact"))
+    return out
+
+
+@pytest.mark.parametrize("backend,params", [("exact", None), ("usearch", None), ("usearch", {"dtype": "f16"}),
+                                            ("faiss", {"factory": "HNSW32"})])
+def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, tmp_path, rows, backend, params):
+    out = tmp_path / backend
+    manifest = build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out,
+                            _options(backend=backend, backend_params=params))
+    assert manifest.items == len(rows) and manifest.manifest.rejected == 0
+    report = verify_bundle(out, deep=True, sample=24)
+    assert report.ok, report.format()
+    assert report.figures["self_found_first"] == 1.0 and report.figures["recall_at_10"] >= 0.99
+    exact = Attributor.from_bundle(exact_bundle)
+    approx = Attributor.from_bundle(out)
+    queries = np.load(exact_bundle / "vectors.npy")[:40]
+    got, _ = approx.search(queries, 10)
+    want, _ = exact.search(queries, 10)
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)]) >= 0.99
+
+
+def test_training_image_with_its_caption_attributes_to_itself(exact_bundle, sandbox, rows):
+    attributor = Attributor.from_bundle(exact_bundle)
+    sample = rows[:12]
+    images = [Image.open(sandbox / "data" / r["image"]) for r in sample]
+    results = attributor.attribute(images, [r["caption"] for r in sample], k=5)
+    for row, result in zip(sample, results):
+        assert result.credits[0].id == row["id"]
+        assert result.credits[0].creator == row["creator"] and result.credits[0].license == row["license"]
+        assert [c.rank for c in result.credits] == [1, 2, 3, 4, 5]
+        assert sum(c.share for c in result.credits) == pytest.approx(1.0, abs=1e-4)
+        assert all(a.score >= b.score for a, b in zip(result.credits, result.credits[1:]))
+        doc = json.loads(result.to_json())
+        assert doc["schema"] == "fastattr/attribution@1" and doc["bundle"]["fingerprint"].startswith("sha256:")
+        assert doc["encoder"]["fingerprint"] == attributor.encoder.fingerprint
+
+
+def test_attributor_is_thread_safe(exact_bundle, sandbox, rows):
+    attributor = Attributor.from_bundle(exact_bundle)
+    images = [Image.open(sandbox / "data" / r["image"]) for r in rows[:8]]
+    captions = [r["caption"] for r in rows[:8]]
+    expected = [[c.id for c in a.credits] for a in attributor.attribute(images, captions, k=5)]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            results[i] = [[c.id for c in a.credits] for a in attributor.attribute(images, captions, k=5)]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(r == expected for r in results.values())
+
+
+def test_other_manifest_formats_build_the_same_bundle(sandbox, exact_bundle, tmp_path, rows):
+    data = sandbox / "data"
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["id", "image", "caption", "creator", "license", "source_url", "sha256"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r[k] for k in writer.fieldnames} | {"image": str(data / r["image"])})
+    build_bundle(tmp_path / "train.csv", sandbox / "encoder.yaml", tmp_path / "csv", _options(backend="exact"))
+    assert np.allclose(np.load(tmp_path / "csv" / "vectors.npy"), np.load(exact_bundle / "vectors.npy"), atol=1e-6)
+
+
+def test_bad_rows_are_rejected_and_the_build_continues(sandbox, tmp_path, rows):
+    data = sandbox / "data"
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = (data / rows[0]["image"]).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    lines = [dict(r, image=str(data / r["image"])) for r in rows[:20]]
+    lines += [
+        dict(rows[20], id="corrupt", image=str(tmp_path / "corrupt.png"), sha256=None),
+        dict(rows[21], id="truncated", image=str(tmp_path / "truncated.png"), sha256=None),
+        dict(rows[22], id="missing", image=str(tmp_path / "nope.png")),
+        dict(rows[23], id=rows[0]["id"], image=str(data / rows[23]["image"])),  # duplicate id
+        dict(rows[24], id="empty-caption", caption="  ", image=str(data / rows[24]["image"])),
+        dict(rows[25], id="bad-sha", sha256="0" * 64, image=str(data / rows[25]["image"])),
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines) + "{not json\n")
+    built = build_bundle(manifest, sandbox / "encoder.yaml", tmp_path / "b", _options(chunk_size=8))
+    assert built.items == 20 and built.manifest.rejected == 7
+    rejects = [json.loads(line) for line in (tmp_path / "b" / "rejects.jsonl").read_text().splitlines()]
+    reasons = {r["id"]: r["reason"] for r in rejects}
+    assert reasons["missing"] == "missing_image" and reasons["bad-sha"] == "sha256_mismatch"
+    assert reasons["corrupt"] == reasons["truncated"] == "corrupt_image"
+    assert reasons["empty-caption"] == "empty_caption" and reasons[rows[0]["id"]] == "duplicate_id"
+    assert [r["row"] for r in rejects] == sorted(r["row"] for r in rejects) and rejects[-1]["row"] == 27
+    assert verify_bundle(tmp_path / "b").ok
+
+
+def test_killed_build_resumes_without_redoing_work(sandbox, exact_bundle, tmp_path, monkeypatch):
+    calls = []
+    real = build_mod._embed_chunk
+
+    def dying(chunk_index, *args, **kwargs):
+        calls.append(chunk_index)
+        if chunk_index == 2:
+            raise KeyboardInterrupt  # killed mid-build
+        return real(chunk_index, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "_embed_chunk", dying)
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32))
+    assert not out.exists() and calls == [0, 1, 2]
+    with pytest.raises(FastattrError, match="--resume"):
+        build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32))
+    calls.clear()
+    build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32),
+                 resume=True)
+    assert calls == [2, 3, 4]  # chunks 0 and 1 were not embedded again
+    assert np.array_equal(np.load(out / "vectors.npy"), np.load(exact_bundle / "vectors.npy"))
+    assert not out.with_name("b.partial").exists()
+
+
+def test_tampering_and_wrong_encoder_are_detected(exact_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    with sqlite3.connect(copy / "items.sqlite") as conn:
+        conn.execute("UPDATE items SET creator = 'Mallory' WHERE key = 3")
+    report = verify_bundle(copy)
+    assert not report.ok and "items.sqlite changed (checksum mismatch)" in report.format()
+
+    shutil.rmtree(copy)
+    shutil.copytree(exact_bundle, copy)
+    (copy / "stray.bin").write_bytes(b"x")
+    assert "stray.bin not listed" in verify_bundle(copy).format()
+
+    shutil.rmtree(copy)
+    shutil.copytree(exact_bundle, copy)
+    spec = (copy / "encoder.yaml").read_text()
+    (copy / "encoder.yaml").write_text(spec.replace("sandbox-tiny-clip-untuned", "another-encoder"))
+    assert not verify_bundle(copy).ok
+    with pytest.raises(FastattrError, match="refusing to serve"):
+        Attributor.from_bundle(copy)
+
+    result = subprocess.run([sys.executable, "-m", "fastattr_hook.cli", "index", "verify", str(copy)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "FAIL" in result.stdout
+
+
+def test_opt_out_takes_effect_at_once(exact_bundle, sandbox, tmp_path, rows):
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    creator = rows[0]["creator"]
+    attributor = Attributor.from_bundle(copy)
+    images = [Image.open(sandbox / "data" / r["image"]) for r in rows[:6]]
+    captions = [r["caption"] for r in rows[:6]]
+    removed = remove_items(copy, creator=creator)
+    assert removed == sum(r["creator"] == creator for r in rows)
+    remove_items(copy, ids=[rows[1]["id"]])
+    attributor.refresh()
+    for result in attributor.attribute(images, captions, k=20):
+        assert len(result.credits) == 20
+        assert all(c.creator != creator and c.id != rows[1]["id"] for c in result.credits)
+    assert verify_bundle(copy).ok  # checksums were refreshed
+
+
+def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_path, rows):
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    data = sandbox / "data"
+    extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:5]]
+    extra.append(dict(rows[5], image=str(data / rows[5]["image"])))  # already in the bundle
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    manifest = add_to_bundle(copy, tmp_path / "more.jsonl", _options())
+    assert manifest.items == len(rows) + 5
+    report = verify_bundle(copy)
+    assert report.ok, report.format()
+    attributor = Attributor.from_bundle(copy)
+    result = attributor.attribute([Image.open(data / rows[0]["image"])], [rows[0]["caption"]], k=2)[0]
+    assert {c.id for c in result.credits} == {rows[0]["id"], rows[0]["id"] + "-again"}
+
+
+def test_two_accelerate_processes_build_the_same_bundle(sandbox, exact_bundle, tmp_path):
+    out = tmp_path / "dist"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastattr_hook.cli", "index", "build",
+         "--manifest", str(sandbox / "data" / "manifest.jsonl"), "--encoder", str(sandbox / "encoder.yaml"),
+         "--out", str(out), "--backend", "exact", "--chunk-size", "32"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(out / "vectors.npy"), np.load(exact_bundle / "vectors.npy"))
+    with sqlite3.connect(out / "items.sqlite") as a, sqlite3.connect(exact_bundle / "items.sqlite") as b:
+        query = "SELECT key, id, caption, creator, sha256 FROM items ORDER BY key"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+    assert read_manifest(out).items == read_manifest(exact_bundle).items

@@ -1,0 +1,445 @@
+"""Credits carriers: PNG iTXt, XMP, EXIF UserComment, sidecar and C2PA; write, read, inspect."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import struct
+import sys
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from fastattr_hook import metadata
+from fastattr_hook.attribution import Attribution, Credit
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.metadata import (C2paConfig, format_inspection, inspect_image, read_attribution,
+                                    save_with_attribution, sidecar_path, write_attribution_in_place)
+
+piexif = pytest.importorskip("piexif")
+import piexif.helper  # noqa: E402
+
+IPTC = "{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}"
+NASTY = 'a <b> & "c" \'d\' ]]> é 猫 🎨 \x00\x07\x1b\x7f\ufffe\r\n\tend'
+
+
+def make_attribution(n: int = 5, caption: str = "a photo", creator: str | None = "alice") -> Attribution:
+    shares = [1 / n] * n
+    credits = [Credit(rank=i + 1, key=100 + i, id=f"item-{i:05d}", score=1.0 - i / (n + 1),
+                      share=shares[i], caption=f"{caption} #{i}", creator=f"{creator}{i % 3}" if creator else None,
+                      license="CC-BY-4.0", source_url=f"https://example.org/{i}")
+               for i in range(n)]
+    return Attribution(prompt="a cat on a mat", credits=credits,
+                       encoder={"name": "tiny", "fingerprint": "enc123"},
+                       bundle={"name": "b", "fingerprint": "bun456", "items": 1000},
+                       share_rule={"name": "softmax", "temperature": 0.05},
+                       timing_ms={"encode": 1.0, "search": 0.5, "total": 1.5},
+                       created="2025-01-01T00:00:00Z")
+
+
+def rgb(size=(24, 16)) -> Image.Image:
+    image = Image.new("RGB", size)
+    image.putdata([(x * 10 % 256, y * 15 % 256, (x + y) % 256) for y in range(size[1]) for x in range(size[0])])
+    return image
+
+
+def xmp_of(path: Path) -> ET.Element:
+    with Image.open(path) as image:
+        return ET.fromstring(image.info["xmp"])
+
+
+def png_chunk_types(path: Path) -> list[bytes]:
+    data, pos, types = path.read_bytes(), 8, []
+    while pos < len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        types.append(ctype)
+        pos += 12 + length
+    return types
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- round trips
+
+def test_png_round_trip(tmp_path):
+    attribution = make_attribution()
+    out = save_with_attribution(rgb(), tmp_path / "out.png", attribution)
+    found = read_attribution(out)
+    assert set(found) == {"png", "xmp", "sidecar"} | ({"c2pa"} & set(found))
+    assert found["png"].to_dict() == attribution.to_dict()
+    assert found["sidecar"].to_dict() == attribution.to_dict()
+    assert [c["id"] for c in found["xmp"]["credits"]] == [c.id for c in attribution.credits]
+    assert found["xmp"]["k"] == 5 and found["xmp"]["bundle_fingerprint"] == "bun456"
+    with Image.open(out) as image:  # what any PNG reader sees
+        assert json.loads(image.text["fastattr"])["schema"] == "fastattr/attribution@1"
+        assert image.tobytes() == rgb().tobytes()
+    assert sidecar_path(out) == tmp_path / "out.attribution.json"
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_jpeg_webp_round_trip_keeps_exif(tmp_path, suffix):
+    image = rgb()
+    exif = Image.Exif()
+    exif[0x013B] = "Jane Artist"  # Artist
+    exif[0x8298] = "(c) Jane"     # Copyright
+    image.info["exif"] = exif.tobytes()
+    attribution = make_attribution()
+    out = save_with_attribution(image, tmp_path / f"out{suffix}", attribution)
+    found = read_attribution(out)
+    assert found["exif"].to_dict() == attribution.to_dict()
+    assert found["xmp"]["digital_source_type"] == metadata.DIGITAL_SOURCE_TYPE
+    assert found["sidecar"].to_dict() == attribution.to_dict()
+    with Image.open(out) as reread:
+        kept = reread.getexif()
+        assert kept[0x013B] == "Jane Artist" and kept[0x8298] == "(c) Jane"
+        comment = piexif.load(reread.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+        assert comment.startswith(b"ASCII\x00\x00\x00")  # the JSON here is pure ASCII
+        assert reread.size == image.size
+
+
+def test_special_characters_survive_every_carrier(tmp_path):
+    attribution = make_attribution(caption=NASTY, creator=NASTY)
+    attribution.prompt = NASTY
+    attribution.credits[0].id = "id " + NASTY
+    for name in ("out.png", "out.jpg", "out.webp"):
+        out = save_with_attribution(rgb(), tmp_path / name, attribution)
+        found = read_attribution(out)
+        embedded = found["png" if name.endswith(".png") else "exif"]
+        assert embedded.to_dict() == attribution.to_dict(), name
+        assert found["sidecar"].to_dict() == attribution.to_dict()
+        summary = found["xmp"]  # XML 1.0 cannot hold NUL/ESC/U+FFFE: those are dropped, the rest kept
+        cleaned = NASTY.replace("\x00", "").replace("\x07", "").replace("\x1b", "").replace("\ufffe", "")
+        assert summary["credits"][0]["id"] == "id " + cleaned
+        assert summary["credits"][0]["creator"] == cleaned + "0"
+        report = inspect_image(out)
+        assert report["agree"] is True
+        text = format_inspection(report)
+        assert "\x1b" not in text and "\\x1b" in text and "猫" in text  # terminal-safe, still readable
+    with Image.open(tmp_path / "out.jpg") as image:
+        comment = piexif.load(image.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+    assert comment.startswith(b"UNICODE\x00")
+    assert json.loads(piexif.helper.UserComment.load(comment))["prompt"] == NASTY
+
+
+def test_long_credit_list_is_truncated_keeping_top_ranks(tmp_path):
+    attribution = make_attribution(n=1500, caption="x" * 80)
+    assert len(attribution.to_json().encode()) > 150_000
+    for name in ("big.png", "big.jpg"):
+        out = save_with_attribution(rgb(), tmp_path / name, attribution)
+        found = read_attribution(out)
+        embedded = found["png" if name.endswith(".png") else "exif"]
+        assert embedded.truncated is True and embedded.credits_total == 1500 and embedded.k == 1500
+        assert 0 < len(embedded.credits) < 1500
+        assert [c.rank for c in embedded.credits] == list(range(1, len(embedded.credits) + 1))
+        assert len(embedded.to_json().encode()) <= 65536
+        assert len(found["sidecar"].credits) == 1500 and not found["sidecar"].truncated
+        report = inspect_image(out)
+        assert report["agree"] is True and report["attribution"]["k"] == 1500
+        assert len(report["attribution"]["credits"]) == 1500  # the untruncated copy wins
+    with Image.open(tmp_path / "big.png") as image:
+        assert json.loads(image.text["fastattr"])["truncated"] is True  # valid JSON as stored
+
+
+# ----------------------------------------------------------------------------- other tools' metadata
+
+def comfy_png(path: Path) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps({"3": {"class_type": "KSampler", "inputs": {"seed": 1}}}))
+    info.add_text("workflow", json.dumps({"nodes": [{"id": 3, "title": "<K&S>"}]}))
+    info.add_text("parameters", "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7")
+    info.add_itxt("Comment", "ünïcode comment", lang="de", tkey="Kommentar")
+    rgb().save(path, pnginfo=info)
+    return path
+
+
+def test_comfyui_and_a1111_chunks_are_kept(tmp_path):
+    source = comfy_png(tmp_path / "comfy.png")
+    with Image.open(source) as image:
+        expected = dict(image.text)
+        out = save_with_attribution(image, tmp_path / "out.png", make_attribution(),
+                                    extra_text={"fastattr_note": "hello"})
+    with Image.open(out) as image:
+        for key, value in expected.items():
+            assert image.text[key] == value
+        assert image.text["Comment"].lang == "de" and image.text["fastattr_note"] == "hello"
+    report = inspect_image(out)
+    assert report["other_metadata"] == {"parameters": expected["parameters"], "prompt": True, "workflow": True}
+
+    fresh = save_with_attribution(rgb(), tmp_path / "fresh.png", make_attribution(),
+                                  pnginfo_from=Image.open(source))
+    with Image.open(fresh) as image:
+        assert image.text["workflow"] == expected["workflow"]
+
+
+def test_comfyui_text_in_webp_exif_follows_comfyui_convention(tmp_path):
+    extra = {"prompt": '{"3": {}}', "workflow": '{"nodes": []}'}
+    out = save_with_attribution(rgb(), tmp_path / "out.webp", make_attribution(), extra_text=extra)
+    with Image.open(out) as image:
+        exif = image.getexif()
+    assert exif[0x0110] == "prompt:" + extra["prompt"] and exif[0x010F] == "workflow:" + extra["workflow"]
+    assert inspect_image(out)["other_metadata"]["workflow"] is True
+
+
+def test_a1111_user_comment_in_jpeg_is_not_overwritten(tmp_path):
+    parameters = "a cat\nSteps: 20, Sampler: Euler a"
+    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(parameters, "unicode")}})
+    path = tmp_path / "a1111.jpg"
+    rgb().save(path, quality=90, exif=exif)
+    write_attribution_in_place(path, make_attribution())
+    found = read_attribution(path)
+    assert "exif" not in found and found["xmp"]["k"] == 5 and "sidecar" in found
+    assert inspect_image(path)["other_metadata"]["parameters"] == parameters
+
+
+def test_xmp_carries_digital_source_type(tmp_path):
+    for name in ("a.png", "a.jpg", "a.webp"):
+        out = save_with_attribution(rgb(), tmp_path / name, make_attribution())
+        root = xmp_of(out)
+        values = [e.text for e in root.iter(f"{IPTC}DigitalSourceType")]
+        assert values == [metadata.DIGITAL_SOURCE_TYPE], name
+        assert inspect_image(out)["carriers"]["xmp"]["digital_source_type"] == metadata.DIGITAL_SOURCE_TYPE
+
+
+# ----------------------------------------------------------------------------- inspect
+
+def test_inspect_agreement_and_tampering(tmp_path):
+    attribution = make_attribution()
+    out = save_with_attribution(rgb(), tmp_path / "out.png", attribution)
+    report = inspect_image(out)
+    assert report["agree"] is True and report["disagreements"] == []
+    assert report["format"] == "PNG"
+    assert report["carriers"]["png"] == {"present": True, "credits": 5, "k": 5, "truncated": False}
+    assert report["carriers"]["exif"] == {"present": False}
+    assert report["attribution"]["credits"][0]["id"] == "item-00000"
+    text = format_inspection(report)
+    assert "carriers agree: yes" in text and "item-00000" in text and "trainedAlgorithmicMedia" in text
+
+    side = sidecar_path(out)
+    tampered = json.loads(side.read_text())
+    tampered["credits"][0], tampered["credits"][1] = tampered["credits"][1], tampered["credits"][0]
+    side.write_text(json.dumps(tampered))
+    report = inspect_image(out)
+    assert report["agree"] is False
+    assert any(p.startswith("sidecar:") for p in report["disagreements"])
+    assert "carriers agree: NO" in format_inspection(report)
+
+    side.write_text("{not json")
+    report = inspect_image(out)
+    assert report["agree"] is False and read_attribution(out)["sidecar"] is None
+
+
+def test_inspect_detects_tampered_xmp(tmp_path):
+    out = save_with_attribution(rgb(), tmp_path / "out.jpg", make_attribution())
+    data = out.read_bytes()
+    out.write_bytes(data.replace(b"<fastattr:id>item-00001<", b"<fastattr:id>item-99999<"))
+    report = inspect_image(out)
+    assert report["agree"] is False and report["disagreements"] == ["xmp: summary differs from the other carriers"]
+
+
+def test_image_without_credits(tmp_path):
+    path = tmp_path / "plain.png"
+    rgb().save(path)
+    assert read_attribution(path) == {}
+    report = inspect_image(path)
+    assert report["attribution"] is None and not any(c["present"] for c in report["carriers"].values())
+    assert "no attribution found" in format_inspection(report)
+
+
+# ----------------------------------------------------------------------------- in place
+
+def add_private_chunk(path: Path) -> None:
+    data = path.read_bytes()
+    body = b"opaque private data"
+    chunk = struct.pack(">I", len(body)) + b"prVt" + body + struct.pack(">I", zlib.crc32(b"prVt" + body))
+    iend = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:iend] + chunk + data[iend:])
+
+
+def test_write_in_place_png_keeps_everything_else(tmp_path):
+    path = comfy_png(tmp_path / "img.png")
+    add_private_chunk(path)
+    with Image.open(path) as image:
+        before_text, before_pixels = dict(image.text), image.tobytes()
+    write_attribution_in_place(path, make_attribution(n=3))
+    write_attribution_in_place(path, make_attribution(n=4))  # again: replaces, never duplicates
+    with Image.open(path) as image:
+        assert image.tobytes() == before_pixels
+        assert {k: image.text[k] for k in before_text} == before_text
+    types = png_chunk_types(path)
+    assert types.count(b"prVt") == 1 and types.count(b"iTXt") == 3  # fastattr, XMP, Comment
+    found = read_attribution(path)
+    assert len(found["png"].credits) == 4 and len(found["sidecar"].credits) == 4
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_write_in_place_does_not_reencode(tmp_path, suffix):
+    path = tmp_path / f"img{suffix}"
+    rgb().save(path, quality=80)
+    with Image.open(path) as image:
+        before = image.tobytes()
+    original = path.read_bytes()
+    write_attribution_in_place(path, make_attribution())
+    with Image.open(path) as image:
+        assert image.tobytes() == before
+    if suffix == ".jpg":  # the compressed scan itself is byte-identical
+        assert path.read_bytes().endswith(original[original.index(b"\xff\xda"):])
+    assert read_attribution(path)["exif"].to_dict() == make_attribution().to_dict()
+
+
+def test_write_in_place_is_atomic(tmp_path, monkeypatch):
+    path = comfy_png(tmp_path / "img.png")
+    original = path.read_bytes()
+    os.chmod(path, 0o644)
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_attribution_in_place(path, make_attribution())
+    assert path.read_bytes() == original
+    assert leftovers(tmp_path) == []
+    assert not sidecar_path(path).exists()
+
+    monkeypatch.undo()
+    write_attribution_in_place(path, make_attribution())
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert leftovers(tmp_path) == [] and "png" in read_attribution(path)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unsupported_formats_and_unreadable_files(tmp_path):
+    with pytest.raises(FastattrError, match=r"out\.gif.*\.png"):
+        save_with_attribution(rgb(), tmp_path / "out.gif", make_attribution())
+    with pytest.raises(FastattrError, match="'bmp'"):
+        save_with_attribution(rgb(), tmp_path / "out.png", make_attribution(), format="bmp")
+    gif = tmp_path / "in.gif"
+    rgb().save(gif)
+    with pytest.raises(FastattrError, match="GIF images are not supported"):
+        read_attribution(gif)
+    with pytest.raises(FastattrError, match="GIF"):
+        write_attribution_in_place(gif, make_attribution())
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(FastattrError, match="junk.png: not a readable image"):
+        inspect_image(junk)
+    with pytest.raises(FastattrError, match="no such file"):
+        read_attribution(tmp_path / "missing.png")
+    with pytest.raises(FastattrError, match="PNG text keyword"):
+        save_with_attribution(rgb(), tmp_path / "k.png", make_attribution(), extra_text={" bad": "x"})
+    with pytest.raises(FastattrError, match="cannot write .*JPEG"):
+        save_with_attribution(Image.new("RGBA", (4, 4)), tmp_path / "alpha.jpg", make_attribution())
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- C2PA
+
+def make_signing_credentials(directory: Path) -> C2paConfig:
+    """Throwaway CA + end-entity certificate, made offline (extensions C2PA validators require)."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False,
+                 key_agreement=False, encipher_only=False, decipher_only=False)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastattr test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **usage),
+                         critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastattr test signer"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastattr tests")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    chain, private = directory / "chain.pem", directory / "key.pem"
+    chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return C2paConfig(cert_chain=chain, private_key=private)
+
+
+@pytest.mark.parametrize("name", ["signed.png", "signed.jpg", "signed.webp"])
+def test_c2pa_round_trip(tmp_path, name):
+    c2pa = pytest.importorskip("c2pa")
+    config = make_signing_credentials(tmp_path)
+    attribution = make_attribution(caption=NASTY)
+    out = save_with_attribution(rgb(), tmp_path / name, attribution, c2pa=config)
+    found = read_attribution(out)
+    assert found["c2pa"].to_dict() == attribution.to_dict()
+    assert set(found) == {"png" if name.endswith(".png") else "exif", "xmp", "sidecar", "c2pa"}
+    with c2pa.Reader(str(out)) as reader:
+        manifest = reader.get_active_manifest()
+        assert reader.get_validation_state() == "Valid"  # signature fine, test CA not trusted
+    actions = [a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions")]
+    created = actions[0]["data"]["actions"][0]
+    assert created["action"] == "c2pa.created"
+    assert created["digitalSourceType"] == metadata.DIGITAL_SOURCE_TYPE
+    report = inspect_image(out)
+    assert report["agree"] is True and report["carriers"]["c2pa"]["validation_state"] == "Valid"
+
+
+def test_c2pa_resign_in_place_and_tamper(tmp_path):
+    pytest.importorskip("c2pa")
+    config = make_signing_credentials(tmp_path)
+    out = save_with_attribution(rgb(), tmp_path / "s.png", make_attribution(n=3), c2pa=config)
+    write_attribution_in_place(out, make_attribution(n=4), c2pa=config)
+    assert png_chunk_types(out).count(b"caBX") == 1
+    assert len(read_attribution(out)["c2pa"].credits) == 4 and inspect_image(out)["agree"] is True
+
+    write_attribution_in_place(out, make_attribution(n=4))  # unsigned rewrite drops the stale manifest
+    assert b"caBX" not in png_chunk_types(out) and "c2pa" not in read_attribution(out)
+
+    signed = save_with_attribution(rgb(), tmp_path / "t.jpg", make_attribution(), c2pa=config)
+    data = signed.read_bytes()  # change the file outside the manifest (JPEG has no chunk CRCs)
+    signed.write_bytes(data.replace(b'<?xpacket end="w"?>', b'<?xpacket end="r"?>'))
+    report = inspect_image(signed)
+    assert report["carriers"]["c2pa"]["validation_state"] == "Invalid"
+    assert report["agree"] is False and report["disagreements"] == [
+        "c2pa: manifest does not validate (the file changed after signing)"]
+
+
+def test_c2pa_errors(tmp_path, monkeypatch):
+    pytest.importorskip("c2pa")
+    config = make_signing_credentials(tmp_path)
+    with pytest.raises(FastattrError, match=r"missing\.pem cannot be read"):
+        save_with_attribution(rgb(), tmp_path / "a.png", make_attribution(),
+                              c2pa=C2paConfig(cert_chain=config.cert_chain, private_key=tmp_path / "missing.pem"))
+    with pytest.raises(FastattrError, match="'rs1'"):
+        save_with_attribution(rgb(), tmp_path / "a.png", make_attribution(),
+                              c2pa=C2paConfig(config.cert_chain, config.private_key, alg="rs1"))
+    with pytest.raises(FastattrError, match="C2PA signing of .*a.png failed"):
+        save_with_attribution(rgb(), tmp_path / "a.png", make_attribution(),
+                              c2pa=C2paConfig(config.cert_chain, config.private_key, alg="ps256"))
+    monkeypatch.setitem(sys.modules, "c2pa", None)  # as if c2pa-python were not installed
+    with pytest.raises(FastattrError, match=r"pip install 'fastattr\[c2pa\]'"):
+        save_with_attribution(rgb(), tmp_path / "a.png", make_attribution(), c2pa=config)
+    assert not (tmp_path / "a.png").exists() and leftovers(tmp_path) == []
+    plain = save_with_attribution(rgb(), tmp_path / "b.png", make_attribution())
+    report = inspect_image(plain)
+    assert report["carriers"]["c2pa"] == {"present": False, "checked": False}
+    assert "pip install 'fastattr[c2pa]'" in format_inspection(report)
