@@ -109,7 +109,7 @@ class Encoder:
     @property
     def orientation(self) -> float:
         """+1 or -1: the sign that makes a higher query-item inner product mean more influence."""
-        return -1.0 if self.head is not None and float(self.head.scale) > 0 else 1.0
+        return -1.0 if self.head is not None and self.head.scale.item() > 0 else 1.0
 
     def preprocess(self, image: Image.Image, text: str) -> list[torch.Tensor]:
         """Per-backbone inputs for one pair (runs in DataLoader workers)."""

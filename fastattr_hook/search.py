@@ -303,13 +303,15 @@ def _import_usearch():
 class USearchIndex(VectorIndex):
     """HNSW graph (usearch) in ``index.usearch``; scores are 1 - cosine distance.
 
-    Defaults (connectivity 32, expansion 128/128, f32) reach recall@10 = 1.0 on the test data; the
-    ``f16``/``i8`` dtypes halve / quarter the memory at a small score error.
+    Defaults: connectivity 32, expansion_add 128, expansion_search 256, f32. On the test data
+    (2,000 clustered 64-d vectors, many near-ties) they give recall@10 0.997-1.0 over repeated
+    builds; expansion_search 128 dipped to 0.990 at half the search time. ``f16`` halves the memory
+    (recall 0.995+); ``i8`` quarters it but fell to recall 0.91 on that data.
     """
 
     backend = "usearch"
     defaults: ClassVar[dict[str, Any]] = {"dtype": "f32", "connectivity": 32, "expansion_add": 128,
-                                          "expansion_search": 128}
+                                          "expansion_search": 256}
     dtypes = ("f32", "f16", "i8")
     file_name = "index.usearch"
 
@@ -365,10 +367,11 @@ class USearchIndex(VectorIndex):
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         matches = self._index.search(queries, k)
         keys = np.atleast_2d(matches.keys).astype(np.int64)
-        scores = 1.0 - np.atleast_2d(matches.distances).astype(np.float32)
+        distances = np.atleast_2d(matches.distances).astype(np.float32)
         if isinstance(matches, _import_usearch().BatchMatches):  # padded to k; the first counts[i] are results
-            keys[np.arange(keys.shape[1]) >= matches.counts[:, None]] = -1
-        return keys, scores  # a single query comes back as Matches: its results only, no padding
+            missing = np.arange(keys.shape[1]) >= matches.counts[:, None]
+            keys[missing], distances[missing] = -1, np.inf
+        return keys, 1.0 - distances  # a single query comes back as Matches: its results only, no padding
 
     def _remove(self, keys: np.ndarray) -> None:
         self._index.remove(keys.astype(np.uint64))

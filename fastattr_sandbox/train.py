@@ -31,6 +31,9 @@ def read_manifest(data_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+CHECKPOINT_EVERY = 200  # steps between training checkpoints
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
@@ -38,14 +41,14 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 class _Checkpoint:
     """Periodic training checkpoints (tensors only, loaded with ``weights_only=True``)."""
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+    def __init__(self, path: Path):
+        self.path = path
 
     def load(self) -> dict | None:
         return torch.load(self.path, weights_only=True) if self.path.is_file() else None
 
     def maybe_save(self, step: int, total: int, state: dict) -> None:
-        if step % self.every == 0 and step < total:
+        if step % CHECKPOINT_EVERY == 0 and step < total:
             with atomic_open(self.path) as f:
                 torch.save({**state, "step": step}, f)
 
@@ -58,7 +61,7 @@ def train_vae(images: torch.Tensor, steps: int, batch_size: int, seed: int, work
     torch.manual_seed(seed)
     vae = models.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    ckpt = _Checkpoint(work / "vae.ckpt", every=200)
+    ckpt = _Checkpoint(work / "vae.ckpt")
     start = 0
     if state := ckpt.load():
         vae.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); start = state["step"]
@@ -111,7 +114,7 @@ def train_unet(latent_mean, latent_std, captions, tokenizer, steps, batch_size, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ids = tokenize(tokenizer, captions)
     empty = tokenize(tokenizer, [""])[0]
-    ckpt = _Checkpoint(work / "unet.ckpt", every=200)
+    ckpt = _Checkpoint(work / "unet.ckpt")
     start = 0
     if state := ckpt.load():
         unet.load_state_dict(state["unet"]); text_encoder.load_state_dict(state["text_encoder"])
@@ -134,7 +137,7 @@ def train_unet(latent_mean, latent_std, captions, tokenizer, steps, batch_size, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:  # warm-up then cosine decay, a pure function of the step
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
+            group["lr"] = float(lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps)))
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
@@ -162,7 +165,7 @@ def train_clip(images, captions, tokenizer, steps, batch_size, width, layers, se
     n_train = len(images) - holdout
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    ckpt = _Checkpoint(work / "clip.ckpt", every=200)
+    ckpt = _Checkpoint(work / "clip.ckpt")
     start = 0
     if state := ckpt.load():
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); start = state["step"]

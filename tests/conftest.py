@@ -15,7 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def micro_sandbox(tmp_path_factory) -> Path:
     from fastattr_sandbox import build
 
-    root = tmp_path_factory.mktemp("sandbox") / "micro"
+    # FASTATTR_TEST_SANDBOX reuses a micro sandbox across runs (building one is a no-op when complete).
+    root = Path(os.environ.get("FASTATTR_TEST_SANDBOX") or tmp_path_factory.mktemp("sandbox") / "micro")
     build.build(root, scale="micro")
     return root
 

@@ -41,7 +41,7 @@ def test_published_head_layout_loads_with_weights_only(tmp_path):
         expected = torch.relu(expected @ state[f"mlp.layers.{i}.weight"].T + state[f"mlp.layers.{i}.bias"])
     expected = expected @ state["mlp.output_layer.weight"].T + state["mlp.output_layer.bias"]
     assert torch.allclose(head(x), expected, atol=1e-6)
-    assert float(head.scale) == -3.0 and float(head.bias) == 0.5
+    assert head.scale.item() == -3.0 and head.bias.item() == 0.5
     save_head(head, tmp_path / "head.safetensors")
     again = load_head(tmp_path / "head.safetensors")
     assert torch.equal(again(x), head(x))
@@ -95,7 +95,7 @@ def test_orientation_higher_score_means_more_influence(micro_sandbox, tmp_path):
         query = encoder.embed([image], ["a caption"], role="query")
         # identical inputs: cosine 1. With a positive scale a HIGH cosine means LOW influence (label = rank
         # fraction), so the oriented score of an identical item must be the lowest possible.
-        assert float(query @ item.T) == pytest.approx(encoder.orientation, abs=1e-5)
+        assert float((query @ item.T)[0, 0]) == pytest.approx(encoder.orientation, abs=1e-5)
 
 
 def test_head_width_mismatch_is_a_clear_error(micro_sandbox, tmp_path):

@@ -138,12 +138,13 @@ def test_bad_rows_are_rejected_and_the_build_continues(sandbox, tmp_path, rows):
 
 
 def test_killed_build_resumes_without_redoing_work(sandbox, exact_bundle, tmp_path, monkeypatch):
-    calls = []
+    calls, killed = [], []
     real = build_mod._embed_chunk
 
     def dying(chunk_index, *args, **kwargs):
         calls.append(chunk_index)
-        if chunk_index == 2:
+        if chunk_index == 2 and not killed:
+            killed.append(chunk_index)
             raise KeyboardInterrupt  # killed mid-build
         return real(chunk_index, *args, **kwargs)
 

@@ -145,3 +145,27 @@ def test_classify_colours_on_a_drawn_scene():
     rng = np.random.default_rng(0)
     scene = world.Scene("square", "red", "navy", "large", "in the center", "plain")
     assert build.classify_colours(world.render(scene, rng)) == ("red", "navy")
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from fastattr_sandbox import train
+
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY", 2)
+    images = torch.rand(8, 3, world.RESOLUTION, world.RESOLUTION) * 2 - 1
+    reference, _ = train.train_vae(images, steps=4, batch_size=4, seed=0, work=tmp_path / "a")
+
+    real_save = train._Checkpoint.maybe_save
+
+    def save_then_die(self, step, total, state):
+        real_save(self, step, total, state)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train._Checkpoint, "maybe_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_vae(images, steps=4, batch_size=4, seed=0, work=tmp_path / "b")
+    monkeypatch.setattr(train._Checkpoint, "maybe_save", real_save)
+    resumed, _ = train.train_vae(images, steps=4, batch_size=4, seed=0, work=tmp_path / "b")
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not (tmp_path / "b" / "vae.ckpt").exists()

@@ -1,0 +1,128 @@
+"""diffusers integration: the callback contract, the wrapper, batch order, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from fastattr_hook.attribution import Attribution
+from fastattr_hook.attributor import Attributor
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.metadata import read_attribution
+from fastattr_sandbox import models
+from integrations.diffusers_callback import AttributionCallback, expand_prompts, save_image, with_attribution
+
+
+@pytest.fixture(scope="module")
+def attributor(micro_sandbox):
+    return Attributor.from_bundle(micro_sandbox / "bundle")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """diffusers' own tiny StableDiffusionPipeline test recipe, built offline."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2)
+    tok_dir = models.write_tokenizer_files(tmp_path_factory.mktemp("tok"))
+    tokenizer = models.load_tokenizer(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length))
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, prompts, **kwargs):
+    return pipe(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np",
+                **kwargs).images
+
+
+def test_callback_attributes_the_final_images_and_changes_nothing(tiny_sd, attributor):
+    prompts = ["a red circle", "a blue ring"]
+    plain = _run(tiny_sd, prompts)
+    callback = AttributionCallback(attributor, prompt=prompts, k=4)
+    with_cb = _run(tiny_sd, prompts, callback_on_step_end=callback)
+    assert np.array_equal(plain, with_cb)
+    assert len(callback.attributions) == 2 and all(len(a.credits) == 4 for a in callback.attributions)
+    decoded = np.stack([np.asarray(i) for i in callback.images])
+    assert np.abs(decoded.astype(int) - np.round(plain * 255).astype(int)).max() <= 1  # same decode as the pipeline
+    expected = attributor.attribute(callback.images, prompts, k=4)
+    assert [[c.id for c in a.credits] for a in callback.attributions] == [[c.id for c in a.credits] for a in expected]
+
+
+def test_callback_inside_multipipelinecallbacks_with_cfg_cutoff(tiny_sd, attributor):
+    prompts = ["a red circle"]
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=0.4)
+    callback = AttributionCallback(attributor, prompt=prompts, k=3)
+    reference = _run(tiny_sd, prompts, callback_on_step_end=MultiPipelineCallbacks([SDCFGCutoffCallback(cutoff_step_ratio=0.4)]))
+    images = _run(tiny_sd, prompts, callback_on_step_end=MultiPipelineCallbacks([cutoff, callback]))
+    assert np.array_equal(reference, images)
+    assert len(callback.attributions) == 1 and callback.attributions[0].prompt == "a red circle"
+
+
+def test_batch_order_with_several_prompts_and_images_per_prompt(tiny_sd, attributor):
+    prompts = ["a red circle", "a green square"]
+    callback = AttributionCallback(attributor, prompt=prompts, k=3)
+    _run(tiny_sd, prompts, num_images_per_prompt=2, negative_prompt=["blurry", "dark"], callback_on_step_end=callback)
+    assert [a.prompt for a in callback.attributions] == ["a red circle", "a red circle", "a green square", "a green square"]
+    for image, prompt, attribution in zip(callback.images, expand_prompts(prompts, 4), callback.attributions):
+        alone = attributor.attribute([image], [prompt], k=3)[0]
+        assert [c.id for c in alone.credits] == [c.id for c in attribution.credits]
+    with pytest.raises(FastattrError, match="cannot come from 3 prompts"):
+        expand_prompts(["a", "b", "c"], 4)
+
+
+def test_unsupported_pipeline_family_is_a_clear_error(attributor):
+    class FluxPipeline:
+        num_timesteps = 1
+
+    callback = AttributionCallback(attributor, prompt="x")
+    with pytest.raises(FastattrError, match="cannot decode latents of FluxPipeline"):
+        callback(FluxPipeline(), 0, 0, {"latents": torch.zeros(1, 4, 8, 8)})
+
+
+def test_wrapper_on_the_sandbox_pipeline(micro_pipeline, attributor, tmp_path):
+    pipe = with_attribution(micro_pipeline, attributor, k=5)
+    assert pipe.unet is micro_pipeline.unet  # everything else passes through
+    out = pipe(["a red circle", "a blue ring"], num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    assert len(out.attributions) == 2 and len(out.images) == 2
+    carried = Attribution.from_json(out.images[1].info["fastattr"])
+    assert carried.prompt == "a blue ring" and [c.id for c in carried.credits] == [c.id for c in out.attributions[1].credits]
+    path = save_image(out.images[0], tmp_path / "img.png")
+    found = read_attribution(path)
+    assert {"png", "xmp", "sidecar"} <= set(found)
+    assert [c.id for c in found["png"].credits] == [c.id for c in out.attributions[0].credits]
+
+    images, nsfw, attributions = pipe("a red circle", num_inference_steps=3, return_dict=False)
+    assert len(images) == len(attributions) == 1
+    latents = pipe("a red circle", num_inference_steps=3, output_type="latent").attributions
+    assert len(latents) == 1 and len(latents[0].credits) == 5
+
+
+def test_demo_end_to_end(micro_sandbox, tmp_path):
+    from integrations.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", prompts=["a red circle", "a large blue ring at the top"], k=3, steps=4,
+                      sandbox=micro_sandbox)
+    html = report.read_text()
+    assert html.count("<section>") == 2 and "a large blue ring at the top" in html
+    assert html.count('<figure>') == 6 and "data:image/png;base64," in html
+    for png in sorted((tmp_path / "demo").glob("*.png")):
+        found = read_attribution(png)
+        assert found["png"].credits and json.loads((png.with_suffix(".attribution.json")).read_text())["k"] == 3
