@@ -14,27 +14,34 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_dir", "atomic_open", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling file name (for libraries that write by name); renamed over ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     # mkstemp makes 0600 files: keep the replaced file's mode, else the usual 0644.
     os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path``; rename it over ``path`` only if the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

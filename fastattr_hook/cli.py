@@ -130,14 +130,17 @@ def _attribute(args) -> int:
     if args.write_metadata:
         import shutil
 
-        from .metadata import write_attribution_in_place
+        from .metadata import C2paConfig, write_attribution_in_place
 
+        if bool(args.c2pa_cert) != bool(args.c2pa_key):
+            raise FastattrError("C2PA signing needs both --c2pa-cert and --c2pa-key")
+        c2pa = C2paConfig(args.c2pa_cert, args.c2pa_key) if args.c2pa_cert else None
         for path, result in zip(args.images, results):
             target = Path(path)
             if args.out:  # copy first: writing metadata never re-encodes pixels
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 target = Path(shutil.copy2(path, Path(args.out) / target.name))
-            write_attribution_in_place(target, result)
+            write_attribution_in_place(target, result, c2pa=c2pa)
             print(f"wrote credits into {target}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
@@ -245,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--write-metadata", action="store_true", help="embed the credits in each image (atomic)")
     p.add_argument("--out", help="with --write-metadata: write copies here instead of in place")
+    p.add_argument("--c2pa-cert", help="with --write-metadata: PEM certificate chain to sign a C2PA manifest")
+    p.add_argument("--c2pa-key", help="with --write-metadata: PEM private key of that certificate")
     p.set_defaults(func=_attribute)
 
     p = commands.add_parser("demo", help="generate with the shipped sandbox, attribute, write an HTML report")

@@ -8,6 +8,7 @@ Supported field types: str, int, float, bool, ``Literal[...]``, ``X | None``, ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -70,6 +71,9 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             raise fail("a mapping")
         return from_dict(tp, value, source=source, prefix=f"{key}.")
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads exponents without a dot (1e-5) as strings
+            with contextlib.suppress(ValueError):
+                return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +90,13 @@ def build(out: str | Path, scale: str = "default", seed: int = 0, force: bool = 
     work.mkdir(exist_ok=True)
     data_dir = root / "data"
 
+    started = time.perf_counter()
+
     def done(stage: str, figures: dict) -> None:
+        nonlocal started
         state["stages"][stage] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        state["figures"][stage] = figures
+        state["figures"][stage] = {**figures, "seconds": round(time.perf_counter() - started, 1)}
+        started = time.perf_counter()
         _write_state(root, state)
 
     if "data" not in state["stages"]:

@@ -149,7 +149,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
             encoder=EncoderInfo(**{k: v for k, v in encoder.describe().items()}),
             backend=backend, backend_params=dict(index.params), metric="cos", dim=encoder.dim,
-            dtype=str(index.params.get("dtype", "f32")), items=len(vectors),
+            dtype=index.storage, items=len(vectors),
             manifest=ManifestInfo(path=str(manifest_path.resolve()), fingerprint=state["manifest_fingerprint"],
                                   accepted=len(vectors), rejected=len(rejects)),
             share_rule=ShareRule("softmax", temperature, note))

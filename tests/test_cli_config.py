@@ -58,6 +58,11 @@ def test_yaml_schema_accepts_valid_and_names_bad_keys(tmp_path):
     path.write_text("name: x\ninner: {size: 3}\ntags: [a, b]\n")
     config = load_yaml(_Config, path)
     assert config.inner.size == 3 and config.inner.ratio == 0.5 and config.tags == ["a", "b"]
+    path.write_text("name: x\ninner: {size: 3, ratio: 1e-5}\n")  # PyYAML reads 1e-5 as a string
+    assert load_yaml(_Config, path).inner.ratio == 1e-5
+    path.write_text("name: x\ninner: {size: 3, ratio: half}\n")
+    with pytest.raises(FastattrError, match=r"key 'inner\.ratio' must be a number"):
+        load_yaml(_Config, path)
 
     path.write_text("name: x\ninner: {size: 3, sise: 4}\n")
     with pytest.raises(FastattrError, match=r"c\.yaml: unknown key 'inner\.sise'"):

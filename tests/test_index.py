@@ -51,6 +51,7 @@ def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, t
     manifest = build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out,
                             _options(backend=backend, backend_params=params))
     assert manifest.items == len(rows) and manifest.manifest.rejected == 0
+    assert manifest.dtype == (params or {}).get("dtype", "f32")
     report = verify_bundle(out, deep=True, sample=24)
     assert report.ok, report.format()
     assert report.figures["self_found_first"] == 1.0 and report.figures["recall_at_10"] >= 0.99
@@ -76,6 +77,29 @@ def test_training_image_with_its_caption_attributes_to_itself(exact_bundle, sand
         doc = json.loads(result.to_json())
         assert doc["schema"] == "fastattr/attribution@1" and doc["bundle"]["fingerprint"].startswith("sha256:")
         assert doc["encoder"]["fingerprint"] == attributor.encoder.fingerprint
+
+
+def test_cli_attribute_writes_signed_credits_that_inspect_reads(exact_bundle, sandbox, rows, tmp_path, capsys):
+    pytest.importorskip("c2pa")
+    from test_metadata import make_signing_credentials
+
+    from fastattr_hook.cli import main
+
+    signing = make_signing_credentials(tmp_path)
+    image = sandbox / "data" / rows[3]["image"]
+    args = ["attribute", str(image), "--prompt", rows[3]["caption"], "--bundle", str(exact_bundle), "--k", "3",
+            "--write-metadata", "--out", str(tmp_path / "out"), "--json"]
+    assert main(args + ["--c2pa-cert", str(signing.cert_chain)]) == 2  # a key is needed too
+    capsys.readouterr()
+    assert main(args + ["--c2pa-cert", str(signing.cert_chain), "--c2pa-key", str(signing.private_key)]) == 0
+    [printed] = json.loads(capsys.readouterr().out)
+    assert printed["credits"][0]["id"] == rows[3]["id"]
+    copy = tmp_path / "out" / image.name
+    assert main(["inspect", str(copy), "--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)
+    assert report["agree"] is True and report["carriers"]["c2pa"]["validation_state"] == "Valid"
+    assert {"png", "xmp", "sidecar", "c2pa"} <= {name for name, c in report["carriers"].items() if c["present"]}
+    assert "fastattr" not in Image.open(image).info  # the source image is untouched
 
 
 def test_attributor_is_thread_safe(exact_bundle, sandbox, rows):

@@ -233,6 +233,7 @@ def test_unknown_backend_lists_the_valid_ones():
     ("usearch", {"expansion_search": 0}, "'expansion_search' must be a positive integer"),
     ("faiss", {"factory": "HNSW32", "nprobe": 8}, "'nprobe' does not apply to factory 'HNSW32'"),
     ("faiss", {"factory": "NotAnIndex"}, "'factory' 'NotAnIndex' is not a valid faiss index factory"),
+    ("faiss", {"factory": "Flat", "gpu": "yes"}, "'gpu' must be true or false"),
 ])
 def test_bad_params_are_named(backend, params, message):
     with pytest.raises(FastattrError, match=message):

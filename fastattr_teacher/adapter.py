@@ -1,0 +1,164 @@
+"""The teacher's view of a text-to-image model: training items in, per-sample DDPM losses out.
+
+``UNetAdapter`` wraps a diffusers ``StableDiffusionPipeline`` (the sandbox model, or Stable
+Diffusion 1.x/2.x loaded from a local folder): it encodes a training item into exactly what the
+UNet trains on (VAE posterior mean x scaling factor, text-encoder hidden states) and evaluates the
+noise-prediction loss for given noise and timesteps under the pipeline's training noise schedule.
+Encodings are cached in memory per item, because every query re-scores the same training items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.func import functional_call
+
+from fastattr_hook.errors import FastattrError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingItem(Protocol):
+    """What the teacher needs of a training item; ``index_tools.manifest.ManifestRow`` is one."""
+
+    id: str
+    caption: str
+
+    def load_image(self) -> Image.Image: ...
+
+
+def read_training_items(manifest: str | Path) -> list[TrainingItem]:
+    """The usable rows of a training manifest, in order (structurally bad rows are skipped, logged)."""
+    from index_tools.manifest import Rejection, iter_manifest
+
+    items, rejected = [], []
+    for row in iter_manifest(manifest):
+        (rejected if isinstance(row, Rejection) else items).append(row)
+    if rejected:
+        log.warning("%s: skipped %d bad rows, first: %s", manifest, len(rejected), rejected[0].message)
+    if not items:
+        raise FastattrError(f"{manifest}: no usable training rows; validate it with index_tools")
+    return items
+
+
+class UNetAdapter:
+    """Encodings and losses for a diffusers UNet2DConditionModel pipeline; the weights are frozen
+    (``requires_grad`` off), gradients are taken through ``torch.func`` on selected parameters."""
+
+    def __init__(self, pipe, device: str | torch.device = "cpu") -> None:
+        from diffusers import DDPMScheduler
+
+        self.device = torch.device(device)
+        self.unet = pipe.unet.to(self.device).eval().requires_grad_(False)
+        self.vae = pipe.vae.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = pipe.tokenizer
+        # Sampling pipelines ship a DDIM/PNDM scheduler; the loss needs the training (DDPM) one,
+        # which shares its betas and prediction type through the config.
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise FastattrError(f"unsupported prediction_type '{self.prediction_type}' in the scheduler config "
+                                f"(the teacher supports epsilon and v_prediction models)")
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.resolution = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.weights_modified = False  # set while unlearned weights are in place
+        self.base_losses: dict[str, dict[str, np.ndarray]] = {}  # config hash -> item id -> losses
+        self._latents: dict[tuple[str, bool], torch.Tensor] = {}
+        self._text: dict[str, torch.Tensor] = {}
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "UNetAdapter":
+        """Load a local diffusers StableDiffusionPipeline folder (no network, no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        return cls(pipe, device)
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """[3, R, R] in [-1, 1]: shorter side resized to the model resolution, centre-cropped."""
+        image = image.convert("RGB")
+        r = self.resolution
+        if image.size != (r, r):
+            scale = r / min(image.size)
+            w, h = max(r, round(image.width * scale)), max(r, round(image.height * scale))
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            left, top = (w - r) // 2, (h - r) // 2
+            image = image.crop((left, top, left + r, top + r))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, flips: Sequence[bool] = (False,)) -> torch.Tensor:
+        """[len(flips), C, h, w] latents. One image per VAE call, so a latent never depends on
+        which other items happen to share a batch (shards must reproduce the full run's bits)."""
+        x = self.pixels(image)
+        out = [self.vae.encode((x.flip(-1) if flip else x)[None]).latent_dist.mean[0] for flip in flips]
+        return torch.stack(out) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def text_embedding(self, caption: str) -> torch.Tensor:
+        """[L, D] text-encoder hidden states, the UNet's cross-attention context (cached per caption)."""
+        if caption not in self._text:
+            ids = self.tokenizer([caption], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            self._text[caption] = self.text_encoder(ids)[0][0]
+        return self._text[caption]
+
+    def encode_item(self, item: TrainingItem, flips: Sequence[bool] = (False,)) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [len(flips), C, h, w], text [L, D]) of a training item, cached per (id, flip)."""
+        missing = [f for f in flips if (item.id, f) not in self._latents]
+        if missing:
+            for flip, latent in zip(missing, self.encode_image(item.load_image(), missing)):
+                self._latents[(item.id, flip)] = latent
+        return torch.stack([self._latents[(item.id, f)] for f in flips]), self.text_embedding(item.caption)
+
+    def encode_query(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents [1, C, h, w], text [L, D]) of a query: a generated image and its prompt."""
+        return self.encode_image(image), self.text_embedding(prompt)
+
+    # -- loss ----------------------------------------------------------------------------------
+
+    def prepare(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, regression target) under the training schedule."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, target
+
+    def prediction_loss(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                        target: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-sample MSE [B]; ``params`` replaces those parameters (functional call) so gradients
+        flow to them only."""
+        args, kwargs = (noisy, timesteps), {"encoder_hidden_states": text}
+        out = functional_call(self.unet, params, args, kwargs) if params else self.unet(*args, **kwargs)
+        return (out.sample.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    def loss(self, latents: torch.Tensor, text: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Per-sample DDPM loss [B] for latents [B, C, h, w], text [B, L, D], noise, timesteps [B]."""
+        noisy, target = self.prepare(latents, noise, timesteps)
+        return self.prediction_loss(noisy, timesteps, text, target, params)
+
+    def fingerprint(self) -> str:
+        """sha256 of every model weight and the schedule: keys caches of pre-training losses."""
+        if self.weights_modified:
+            raise RuntimeError("fingerprint taken while unlearned weights are in place")
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr(sorted(self.scheduler.config.items())).encode())
+            for model in (self.unet, self.vae, self.text_encoder):
+                for name, tensor in sorted(model.state_dict().items()):
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
