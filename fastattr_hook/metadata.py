@@ -103,12 +103,7 @@ def save_with_attribution(image: Image.Image, path: str | Path, attribution: Att
     fmt = _format_for_save(path, format)
     text = {**_text_of(pnginfo_from), **_text_of(image), **(extra_text or {})}
     data = _embed(_encode(image, fmt, path), fmt, attribution, text, max_json_bytes, path)
-    if c2pa is not None:
-        data = _sign_c2pa(data, fmt, attribution, c2pa, path)
-    _write_image(path, data)
-    if sidecar:
-        _write_sidecar(path, attribution)
-    return path
+    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
 
 
 def write_attribution_in_place(path: str | Path, attribution: Attribution, *, sidecar: bool = True,
@@ -124,12 +119,7 @@ def write_attribution_in_place(path: str | Path, attribution: Attribution, *, si
     with _open_image(path) as image:
         fmt = _supported_format(image, path)
     data = _embed(path.read_bytes(), fmt, attribution, extra_text or {}, max_json_bytes, path)
-    if c2pa is not None:
-        data = _sign_c2pa(data, fmt, attribution, c2pa, path)
-    _write_image(path, data)
-    if sidecar:
-        _write_sidecar(path, attribution)
-    return path
+    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
 
 
 def read_attribution(path: str | Path) -> dict[str, Attribution | dict | None]:
@@ -253,6 +243,17 @@ def _embed(data: bytes, fmt: str, attribution: Attribution, text: dict[str, str]
     if fmt == "JPEG":
         return _embed_jpeg(data, attribution, xmp, text, max_json_bytes, path)
     return _embed_webp(data, attribution, xmp, text, max_json_bytes, path)
+
+
+def _write_carriers(path: Path, data: bytes, fmt: str, attribution: Attribution, c2pa: C2paConfig | None,
+                    sidecar: bool) -> Path:
+    """Sign (optionally), then write the image atomically and its sidecar."""
+    if c2pa is not None:
+        data = _sign_c2pa(data, fmt, attribution, c2pa, path)
+    _write_image(path, data)
+    if sidecar:
+        _write_sidecar(path, attribution)
+    return path
 
 
 def _write_image(path: Path, data: bytes) -> None:

@@ -42,6 +42,8 @@ class Preconditioner(Protocol):
 
     def inverse_apply(self, grads: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]: ...
 
+    def save(self, path: str | Path) -> None: ...
+
 
 @dataclass
 class FisherDiagonal:
@@ -123,3 +125,14 @@ def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem],
     bar.close()
     meta = {"config": to_dict(config), "num_samples": len(order), "model": adapter.fingerprint()}
     return FisherDiagonal({name: (s / len(order)).float() for name, s in sums.items()}, len(items), meta)
+
+
+def compute_preconditioner(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
+                           ) -> Preconditioner:
+    """The Fisher approximation the config asks for."""
+    return compute_fisher_diagonal(adapter, items, config)
+
+
+def load_preconditioner(path: str | Path) -> Preconditioner:
+    """A saved Fisher approximation, whichever kind ``save`` wrote."""
+    return FisherDiagonal.load(path)
