@@ -1,6 +1,6 @@
 """Generation time with vs without attribution on the sandbox pipeline, measured side by side.
 
-    python benchmarks/diffusers_overhead.py [--repeats 5] [--batch 4] [--steps 25]
+    python benchmarks/diffusers_overhead.py [--repeats 11] [--batch 4] [--steps 25]
 
 Runs are interleaved (plain, wrapper, callback, plain, ...) so machine noise hits all alike;
 prints medians and the overhead ratios.
@@ -22,7 +22,7 @@ from integrations.diffusers_callback import AttributionCallback, with_attributio
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
