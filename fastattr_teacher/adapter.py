@@ -47,6 +47,19 @@ def read_training_items(manifest: str | Path) -> list[TrainingItem]:
     return items
 
 
+def load_pipeline(folder: str | Path):
+    """A local diffusers StableDiffusionPipeline folder (no network, no safety checker). One loader,
+    so curation generates its queries with exactly the model the teacher scores."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FastattrError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class UNetAdapter:
     """Encodings and losses for a diffusers UNet2DConditionModel pipeline; the weights are frozen
     (``requires_grad`` off), gradients are taken through ``torch.func`` on selected parameters."""
@@ -77,11 +90,7 @@ class UNetAdapter:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "UNetAdapter":
         """Load a local diffusers StableDiffusionPipeline folder (no network, no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
-        return cls(pipe, device)
+        return cls(load_pipeline(folder), device)
 
     # -- encoding ------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ passes on the sandbox UNet. Memory grows with batch size x selected parameters, 
 ``batch_size`` for the ``all`` selection on large models.
 
 Anything with ``num_train`` and ``inverse_apply`` (``Preconditioner``) can drive the Newton step;
-AbU+'s EK-FAC is meant to be a second implementation.
+AbU+'s EK-FAC (``ekfac.py``) is the second implementation, chosen by ``TeacherConfig.preconditioner``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
@@ -45,6 +45,16 @@ class Preconditioner(Protocol):
     def save(self, path: str | Path) -> None: ...
 
 
+def check_coverage(covered: Iterable[str], grads: dict[str, torch.Tensor]) -> None:
+    """A Fisher inverts only the parameters it was computed for: a mismatch means another selection."""
+    covered = set(covered)
+    if set(grads) != covered:
+        raise FastattrError(
+            f"the Fisher covers {len(covered)} parameters but the gradient has {len(grads)} "
+            f"(e.g. '{next(iter(set(grads) ^ covered))}'); recompute the Fisher with the "
+            f"same 'params' selection as the teacher config")
+
+
 @dataclass
 class FisherDiagonal:
     """Diagonal empirical Fisher, one tensor per selected parameter (float32 at rest)."""
@@ -56,11 +66,7 @@ class FisherDiagonal:
     def inverse_apply(self, grads: dict[str, torch.Tensor], damping: float) -> dict[str, torch.Tensor]:
         """(F + damping * mean(F))^-1 g per tensor, in float64. Damping is relative to each tensor's
         mean Fisher so that one value suits layers whose gradient scales differ by orders of magnitude."""
-        if set(grads) != set(self.diagonal):
-            raise FastattrError(
-                f"the Fisher covers {len(self.diagonal)} parameters but the gradient has {len(grads)} "
-                f"(e.g. '{next(iter(set(grads) ^ set(self.diagonal)))}'); recompute the Fisher with the "
-                f"same 'params' selection as the teacher config")
+        check_coverage(self.diagonal, grads)
         out = {}
         for name, g in grads.items():
             f = self.diagonal[name].to(device=g.device, dtype=torch.float64)
@@ -92,22 +98,16 @@ def per_sample_grads(loss_fn: Callable[..., torch.Tensor], params: dict[str, tor
     return vmap(grad(loss_fn), in_dims=(None,) + (0,) * len(batched))(params, *batched)
 
 
-def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
-                            ) -> FisherDiagonal:
-    """Mean squared per-sample gradient over ``config.fisher_samples`` draws: items in shuffled
-    epochs, each with a uniform random timestep and fresh noise (unflipped, as in training)."""
-    params = {name: p.detach() for name, p in select_parameters(adapter.unet, config.params).items()}
+def training_draws(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The Fisher's ``config.fisher_samples`` draws in batches of (noisy latents, timesteps, text,
+    target): items in seeded shuffled epochs, each with a uniform random timestep and fresh noise
+    (unflipped, as in training). Every Fisher kind, and every pass of one, sees the same draws."""
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     while len(order) < config.fisher_samples:
         order += torch.randperm(len(items), generator=gen).tolist()
     order = order[:config.fisher_samples]
-
-    def sample_loss(p, noisy, t, text, target):
-        return adapter.prediction_loss(noisy[None], t[None], text[None], target[None], p)[0]
-
-    sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    bar = tqdm(total=len(order), desc="fisher", unit="sample")
     for start in range(0, len(order), config.batch_size):
         batch = [items[i] for i in order[start:start + config.batch_size]]
         encoded = [adapter.encode_item(item) for item in batch]
@@ -116,23 +116,57 @@ def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem],
         noise = torch.randn(latents.shape, generator=gen).to(adapter.device)
         t = torch.randint(0, adapter.num_train_timesteps, (len(batch),), generator=gen).to(adapter.device)
         noisy, target = adapter.prepare(latents, noise, t)
+        yield noisy, t, text, target
+
+
+def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
+                            ) -> FisherDiagonal:
+    """Mean squared per-sample gradient over the ``training_draws``."""
+    params = {name: p.detach() for name, p in select_parameters(adapter.unet, config.params).items()}
+
+    def sample_loss(p, noisy, t, text, target):
+        return adapter.prediction_loss(noisy[None], t[None], text[None], target[None], p)[0]
+
+    sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    bar = tqdm(total=config.fisher_samples, desc="fisher", unit="sample")
+    for noisy, t, text, target in training_draws(adapter, items, config):
         with warnings.catch_warnings():  # vmap loops attention per sample; still ~3.7x a plain loop
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             grads = per_sample_grads(sample_loss, params, noisy, t, text, target)
         for name, g in grads.items():
             sums[name] += g.to(torch.float64).pow(2).sum(0)
-        bar.update(len(batch))
+        bar.update(len(t))
     bar.close()
-    meta = {"config": to_dict(config), "num_samples": len(order), "model": adapter.fingerprint()}
-    return FisherDiagonal({name: (s / len(order)).float() for name, s in sums.items()}, len(items), meta)
+    meta = {"config": to_dict(config), "num_samples": config.fisher_samples, "model": adapter.fingerprint()}
+    return FisherDiagonal({name: (s / config.fisher_samples).float() for name, s in sums.items()}, len(items), meta)
 
 
 def compute_preconditioner(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
                            ) -> Preconditioner:
-    """The Fisher approximation the config asks for."""
-    return compute_fisher_diagonal(adapter, items, config)
+    """The Fisher approximation ``config.preconditioner`` asks for."""
+    from .ekfac import compute_ekfac  # imported here because ekfac.py builds on this module
+
+    if config.preconditioner == "diagonal":
+        return compute_fisher_diagonal(adapter, items, config)
+    if config.preconditioner == "ekfac":
+        return compute_ekfac(adapter, items, config)
+    raise FastattrError(f"unknown preconditioner '{config.preconditioner}' (choose from: diagonal, ekfac)")
 
 
 def load_preconditioner(path: str | Path) -> Preconditioner:
-    """A saved Fisher approximation, whichever kind ``save`` wrote."""
-    return FisherDiagonal.load(path)
+    """A saved Fisher approximation, whichever kind ``save`` wrote (read from the file's metadata)."""
+    from .ekfac import EKFAC  # imported here because ekfac.py builds on this module
+
+    path = Path(path)
+    if not path.is_file():
+        raise FastattrError(f"{path}: Fisher file not found; compute it first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kind = json.loads((f.metadata() or {}).get(META_KEY, "{}")).get("kind")
+    except (SafetensorError, json.JSONDecodeError) as exc:
+        raise FastattrError(f"{path}: not a Fisher file written by fastattr_teacher ({exc}); recompute it") from exc
+    loaders = {"fisher_diagonal": FisherDiagonal.load, "ekfac": EKFAC.load}
+    if kind not in loaders:
+        raise FastattrError(f"{path}: not a Fisher file written by fastattr_teacher (kind {kind!r}, expected one "
+                            f"of {', '.join(loaders)}); recompute it")
+    return loaders[kind](path)

@@ -78,8 +78,8 @@ def _collate(batch):
     return batch
 
 
-def _distributed():
-    """(process index, process count, barrier) under accelerate launch, else (0, 1, no-op)."""
+def distributed():
+    """(process index, process count, barrier, device) under accelerate launch, else (0, 1, no-op, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ:
         from accelerate import PartialState
 
@@ -115,7 +115,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     """Build a bundle at ``out``; returns its manifest (None on non-main processes)."""
     options = options or BuildOptions()
     manifest_path, encoder_spec, out = Path(manifest_path), Path(encoder_spec), Path(out).resolve()
-    rank, world, barrier, device = _distributed()
+    rank, world, barrier, device = distributed()
     if out.exists() and rank == 0:
         raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
     encoder = Encoder.from_yaml(encoder_spec, device=options.device or device)

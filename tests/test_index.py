@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -249,12 +250,15 @@ def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_
 def test_two_accelerate_processes_build_the_same_bundle(sandbox, exact_bundle, tmp_path):
     out = tmp_path / "dist"
     result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        # `--multi_gpu` starts 2 processes (CPU + gloo without a GPU); `--cpu` would start only one.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastattr_hook.cli", "index", "build",
          "--manifest", str(sandbox / "data" / "manifest.jsonl"), "--encoder", str(sandbox / "encoder.yaml"),
          "--out", str(out), "--backend", "exact", "--chunk-size", "32"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "embed [0/2]" in result.stderr and "embed [1/2]" in result.stderr  # both processes embedded
     assert np.array_equal(np.load(out / "vectors.npy"), np.load(exact_bundle / "vectors.npy"))
     with sqlite3.connect(out / "items.sqlite") as a, sqlite3.connect(exact_bundle / "items.sqlite") as b:
         query = "SELECT key, id, caption, creator, sha256 FROM items ORDER BY key"
