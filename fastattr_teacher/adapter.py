@@ -4,13 +4,17 @@
 Diffusion 1.x/2.x loaded from a local folder): it encodes a training item into exactly what the
 UNet trains on (VAE posterior mean x scaling factor, text-encoder hidden states) and evaluates the
 noise-prediction loss for given noise and timesteps under the pipeline's training noise schedule.
-Encodings are cached in memory per item, because every query re-scores the same training items.
+Encodings are cached in memory per item, because every query re-scores the same training items;
+for large training sets ``attach_encoding_cache`` keeps them in memory-mapped files instead, encoded
+once per model and shared by every process and run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -18,10 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
+from fastattr_hook._io import atomic_write_text
 from fastattr_hook.errors import FastattrError
 
 log = logging.getLogger(__name__)
+ENCODE_CHUNK = 256  # training items encoded between checkpoints of the encoding cache
 
 
 class TrainingItem(Protocol):
@@ -60,6 +67,16 @@ def load_pipeline(folder: str | Path):
     return pipe
 
 
+@dataclass
+class _EncodingFiles:
+    """Memory-mapped encodings of a fixed list of training items (see ``attach_encoding_cache``)."""
+
+    rows: dict[str, int]  # item id -> row
+    flips: list[bool]
+    latents: np.ndarray  # [n, len(flips), C, h, w] float32
+    text: np.ndarray  # [n, L, D] float32
+
+
 class UNetAdapter:
     """Encodings and losses for a diffusers UNet2DConditionModel pipeline; the weights are frozen
     (``requires_grad`` off), gradients are taken through ``torch.func`` on selected parameters."""
@@ -85,6 +102,7 @@ class UNetAdapter:
         self.base_losses: dict[str, dict[str, np.ndarray]] = {}  # config hash -> item id -> losses
         self._latents: dict[tuple[str, bool], torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
+        self._files: _EncodingFiles | None = None
         self._fingerprint: str | None = None
 
     @classmethod
@@ -115,22 +133,78 @@ class UNetAdapter:
         out = [self.vae.encode((x.flip(-1) if flip else x)[None]).latent_dist.mean[0] for flip in flips]
         return torch.stack(out) * self.vae.config.scaling_factor
 
-    @torch.no_grad()
     def text_embedding(self, caption: str) -> torch.Tensor:
         """[L, D] text-encoder hidden states, the UNet's cross-attention context (cached per caption)."""
         if caption not in self._text:
-            ids = self.tokenizer([caption], padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
-            self._text[caption] = self.text_encoder(ids)[0][0]
+            self._text[caption] = self._embed_text(caption)
         return self._text[caption]
+
+    @torch.no_grad()
+    def _embed_text(self, caption: str) -> torch.Tensor:
+        ids = self.tokenizer([caption], padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0][0]
 
     def encode_item(self, item: TrainingItem, flips: Sequence[bool] = (False,)) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents [len(flips), C, h, w], text [L, D]) of a training item, cached per (id, flip)."""
+        files = self._files
+        if files is not None and item.id in files.rows and set(flips) <= set(files.flips):
+            row = files.rows[item.id]
+            latents = np.stack([files.latents[row, files.flips.index(f)] for f in flips])
+            return torch.from_numpy(latents).to(self.device), torch.from_numpy(np.array(files.text[row])).to(self.device)
         missing = [f for f in flips if (item.id, f) not in self._latents]
         if missing:
             for flip, latent in zip(missing, self.encode_image(item.load_image(), missing)):
                 self._latents[(item.id, flip)] = latent
         return torch.stack([self._latents[(item.id, f)] for f in flips]), self.text_embedding(item.caption)
+
+    def attach_encoding_cache(self, items: Sequence[TrainingItem], cache_dir: str | Path,
+                              flips: Sequence[bool] = (False, True), build: bool = True) -> bool:
+        """Serve ``encode_item`` for ``items`` from memory-mapped files under ``cache_dir`` (one folder
+        per model fingerprint), so large training sets are encoded once and never held in RAM.
+
+        With ``build``, missing rows are encoded first, checkpointed every ``ENCODE_CHUNK`` items (a killed
+        run resumes); run it in one process. Without, the files are used only when complete.
+        Returns whether the cache is attached. The stored values are the in-memory path's bits."""
+        root = Path(cache_dir) / f"encodings-{self.fingerprint()[:16]}"
+        header = {"ids": [item.id for item in items], "flips": [bool(f) for f in flips]}
+        done_path = root / "done.json"
+        if (root / "items.json").is_file():
+            if json.loads((root / "items.json").read_text()) != header:
+                raise FastattrError(f"{root}: made for another list of training items or flips; delete the folder "
+                                    f"to re-encode")
+        elif not build:
+            return False
+        done = set(json.loads(done_path.read_text())) if done_path.is_file() else set()
+        if len(done) < len(items) and not build:
+            return False
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "items.json", json.dumps(header))
+        shapes = {}
+        if not ((root / "latents.npy").is_file() and (root / "text.npy").is_file()):
+            shapes = {"latents.npy": self.encode_image(items[0].load_image(), flips).shape,
+                      "text.npy": self._embed_text(items[0].caption).shape}
+            done = set()
+
+        def open_array(name: str) -> np.ndarray:
+            if name in shapes:
+                return np.lib.format.open_memmap(root / name, "w+", np.float32, (len(items), *shapes[name]))
+            return np.load(root / name, mmap_mode="r" if len(done) == len(items) else "r+")
+
+        latents, text = open_array("latents.npy"), open_array("text.npy")
+        todo = [i for i in range(len(items)) if i not in done]
+        chunk = ENCODE_CHUNK
+        for start in tqdm(range(0, len(todo), chunk), desc="encode training items", unit="chunk", disable=not todo):
+            for i in todo[start:start + chunk]:
+                latents[i] = self.encode_image(items[i].load_image(), flips).cpu().numpy()
+                text[i] = self._embed_text(items[i].caption).cpu().numpy()
+            latents.flush()
+            text.flush()
+            done.update(todo[start:start + chunk])
+            atomic_write_text(done_path, json.dumps(sorted(done)))
+        self._files = _EncodingFiles({item.id: i for i, item in enumerate(items)}, header["flips"], latents, text)
+        self._latents.clear()
+        return True
 
     def encode_query(self, image: Image.Image, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents [1, C, h, w], text [L, D]) of a query: a generated image and its prompt."""

@@ -41,7 +41,7 @@ from index_tools.manifest import manifest_fingerprint
 from .adapter import TrainingItem, UNetAdapter, load_pipeline, read_training_items
 from .config import TeacherConfig
 from .fisher import compute_preconditioner, load_preconditioner
-from .score import pretrain_losses, score_query
+from .score import item_flips, pretrain_losses, score_query
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,7 @@ def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
         return
     plan = load_plan(job, config_path)
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
+    adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher))
     if job.fisher_path.is_file():
         log.info("%s exists; delete it to recompute", job.fisher_path)
     else:
@@ -363,6 +364,7 @@ def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[
     if not mine:
         return []
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
+    adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher), build=False)  # made by `fisher`
     fisher = load_preconditioner(job.fisher_path)
     bar = tqdm(mine, desc=f"teacher queries (process {rank + 1}/{world})", unit="query")
     for query in bar:

@@ -61,7 +61,8 @@ def eval_timesteps(count: int, num_train_timesteps: int) -> torch.Tensor:
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
 
 
-def _flips(config: TeacherConfig) -> tuple[bool, ...]:
+def item_flips(config: TeacherConfig) -> tuple[bool, ...]:
+    """The image orientations each training item is scored in (max over them)."""
     return (False, True) if config.flips else (False,)
 
 
@@ -69,7 +70,7 @@ def _flips(config: TeacherConfig) -> tuple[bool, ...]:
 def item_losses(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
                 desc: str = "losses") -> np.ndarray:
     """[n, flips] loss of every item under the current weights, averaged over the T timesteps."""
-    flips = _flips(config)
+    flips = item_flips(config)
     timesteps = eval_timesteps(config.timesteps, adapter.num_train_timesteps).to(adapter.device)
     out = np.empty((len(items), len(flips)))
     for i, item in enumerate(tqdm(items, desc=desc, unit="item")):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastattr_hook._io import atomic_write_text
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher import (FisherDiagonal, Scores, TeacherConfig, UNetAdapter, add_update, compute_fisher_diagonal,
                               load_teacher_config, newton_update, per_sample_grads, pretrain_losses,
@@ -79,6 +80,42 @@ def test_same_config_same_numbers_and_shards_match_the_full_run(teacher_run, mic
     cached = pretrain_losses(_adapter(micro_sandbox), shard, CONFIG, cache_dir=tmp_path)
     assert np.array_equal(cached, pretrain_losses(adapter, shard, CONFIG))
     assert len(list(tmp_path.glob("pretrain-losses-*.safetensors"))) == 1
+
+
+def test_encoding_cache_serves_the_same_bits_and_resumes(micro_sandbox, tmp_path, monkeypatch):
+    import fastattr_teacher.adapter as adapter_mod
+
+    items = read_training_items(micro_sandbox / "data" / "manifest.jsonl")[:12]
+    fresh = _adapter(micro_sandbox)
+    expected = [fresh.encode_item(item, (False, True)) for item in items]
+    adapter = _adapter(micro_sandbox)
+    assert not adapter.attach_encoding_cache(items, tmp_path, build=False)  # nothing built yet
+    # Checkpoints every 5 items; the build is killed at its 2nd checkpoint (writes: items.json, 1st, 2nd).
+    monkeypatch.setattr(adapter_mod, "ENCODE_CHUNK", 5)
+    writes = []
+
+    def killed_at_second_checkpoint(path, text):
+        writes.append(path)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        atomic_write_text(path, text)
+
+    monkeypatch.setattr(adapter_mod, "atomic_write_text", killed_at_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        adapter.attach_encoding_cache(items, tmp_path)
+    monkeypatch.setattr(adapter_mod, "atomic_write_text", atomic_write_text)
+    resumed = _adapter(micro_sandbox)
+    encoded = []
+    monkeypatch.setattr(resumed, "_embed_text", lambda caption: encoded.append(caption) or fresh._embed_text(caption))
+    assert resumed.attach_encoding_cache(items, tmp_path)
+    assert encoded == [item.caption for item in items[5:]]  # the first checkpoint's items are not redone
+    served = _adapter(micro_sandbox)
+    assert served.attach_encoding_cache(items, tmp_path, build=False)
+    for item, (latents, text) in zip(items, expected):
+        got_latents, got_text = served.encode_item(item, (True, False))
+        assert torch.equal(got_latents, latents.flip(0)) and torch.equal(got_text, text)
+    with pytest.raises(FastattrError, match="another list of training items"):
+        served.attach_encoding_cache(items[1:], tmp_path, build=False)
 
 
 def test_loss_is_the_sandbox_training_loss(teacher_run):
