@@ -17,23 +17,19 @@ collide with ours, while the math here is a few lines.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_write_bytes
 from fastattr_hook.config import to_dict
 from fastattr_hook.errors import FastattrError
 
 from .adapter import TrainingItem, UNetAdapter
 from .config import TeacherConfig
-from .fisher import META_KEY, check_coverage, training_draws
+from .fisher import check_coverage, read_fisher_file, training_draws, write_fisher_file
 from .params import select_parameters
 
 # Per layer (parameter name): the inputs a [B, T, in] and output gradients g [B, T, out], float64.
@@ -65,24 +61,16 @@ class EKFAC:
         return out
 
     def save(self, path: str | Path) -> None:
-        tensors = {f"{name}.{part}": getattr(self, part)[name].detach().to("cpu", torch.float32).contiguous()
-                   for name in self.eigenvalues for part in PARTS}
-        meta = {**self.meta, "kind": "ekfac", "num_train": self.num_train}
-        atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+        tensors = {f"{name}.{part}": getattr(self, part)[name] for name in self.eigenvalues for part in PARTS}
+        write_fisher_file(path, tensors, "ekfac", self.num_train, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "EKFAC":
-        path = Path(path)
-        if not path.is_file():
-            raise FastattrError(f"{path}: Fisher file not found; compute it first")
+        tensors, meta = read_fisher_file(path, "ekfac")
         parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-            if meta.get("kind") != "ekfac":
-                raise FastattrError(f"{path}: not an EK-FAC Fisher written by fastattr_teacher; recompute it")
-            for key in f.keys():
-                name, part = key.rsplit(".", 1)
-                parts[part][name] = f.get_tensor(key)
+        for key, tensor in tensors.items():
+            name, part = key.rsplit(".", 1)
+            parts[part][name] = tensor
         return cls(parts["basis_out"], parts["basis_in"], parts["eigenvalues"], int(meta["num_train"]), meta)
 
 

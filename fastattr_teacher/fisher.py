@@ -74,21 +74,32 @@ class FisherDiagonal:
         return out
 
     def save(self, path: str | Path) -> None:
-        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.diagonal.items()}
-        meta = {**self.meta, "kind": "fisher_diagonal", "num_train": self.num_train}
-        atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+        write_fisher_file(path, self.diagonal, "fisher_diagonal", self.num_train, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "FisherDiagonal":
-        path = Path(path)
-        if not path.is_file():
-            raise FastattrError(f"{path}: Fisher file not found; compute it first")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-            if meta.get("kind") != "fisher_diagonal":
-                raise FastattrError(f"{path}: not a diagonal Fisher written by fastattr_teacher; recompute it")
-            diagonal = {name: f.get_tensor(name) for name in f.keys()}
+        diagonal, meta = read_fisher_file(path, "fisher_diagonal")
         return cls(diagonal, int(meta["num_train"]), meta)
+
+
+def write_fisher_file(path: str | Path, tensors: dict[str, torch.Tensor], kind: str, num_train: int,
+                      meta: dict) -> None:
+    """Tensors as float32 safetensors with our metadata (kind, N, how it was made); atomic."""
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    meta = {**meta, "kind": kind, "num_train": num_train}
+    atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+
+
+def read_fisher_file(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a file ``write_fisher_file`` wrote with this ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastattrError(f"{path}: Fisher file not found; compute it first")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+        if meta.get("kind") != kind:
+            raise FastattrError(f"{path}: not a '{kind}' Fisher written by fastattr_teacher; recompute it")
+        return {name: f.get_tensor(name) for name in f.keys()}, meta
 
 
 def per_sample_grads(loss_fn: Callable[..., torch.Tensor], params: dict[str, torch.Tensor],
