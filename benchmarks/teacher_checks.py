@@ -20,7 +20,8 @@ import torch
 
 from fastattr_sandbox import build
 from fastattr_sandbox.world import MOTIFS
-from fastattr_teacher import TeacherConfig, UNetAdapter, compute_fisher_diagonal, read_training_items, score_query
+from fastattr_teacher import (TeacherConfig, UNetAdapter, compute_fisher_diagonal, pretrain_losses, read_training_items,
+                              score_query)
 
 MOTIF_PROMPT = "a large red circle in the center on a plain white background with a {motif}"
 TOP = 30
@@ -40,10 +41,10 @@ def main() -> None:
 
     start = time.perf_counter()
     fisher = compute_fisher_diagonal(adapter, items, config)
-    print(f"Fisher ({config.fisher_samples} samples): {time.perf_counter() - start:.1f} s")
+    print(f"Fisher ({config.fisher_samples} samples): {time.perf_counter() - start:.1f} s", flush=True)
     start = time.perf_counter()
-    score_query(adapter, fisher, items, items[0].load_image(), items[0].caption, config)  # caches theta0 losses
-    print(f"first query incl. pre-training losses of every item: {time.perf_counter() - start:.1f} s")
+    pretrain_losses(adapter, items, config)  # once per configuration, shared by every query
+    print(f"pre-training losses of every item: {time.perf_counter() - start:.1f} s", flush=True)
 
     seconds, ranks = [], []
     for q in np.linspace(0, len(items) - 1, args.self_queries).round().astype(int):
@@ -51,9 +52,11 @@ def main() -> None:
         scores = score_query(adapter, fisher, items, items[q].load_image(), items[q].caption, config)
         seconds.append(time.perf_counter() - start)
         ranks.append(scores.rank_of(items[q].id))
+        print(f"self query {items[q].id}: rank {ranks[-1]} ({seconds[-1]:.0f} s)", flush=True)
     top1 = sum(r < 0.01 * len(items) for r in ranks)
-    print(f"self-attribution ranks (0-based, of {len(items)}): {ranks}; "
-          f"in the top 1%: {top1}/{len(ranks)} = {top1 / len(ranks):.0%}")
+    if ranks:
+        print(f"self-attribution ranks (0-based, of {len(items)}): {ranks}; "
+              f"in the top 1%: {top1}/{len(ranks)} = {top1 / len(ranks):.0%}", flush=True)
 
     rows = (json.loads(line) for line in (root / "data" / "manifest.jsonl").read_text().splitlines())
     motif_of = {row["id"]: row["attributes"]["motif"] for row in rows}
@@ -68,7 +71,7 @@ def main() -> None:
         found = sum(motif_of[i] == motif for i in scores.top(TOP))
         hits.append(found)
         print(f"rare motif {motif!r}: {found}/{carriers} of its training images in the teacher's top {TOP} "
-              f"(chance {carriers * TOP / len(items):.2f})")
+              f"(chance {carriers * TOP / len(items):.2f})", flush=True)
     print(f"rare motifs: {sum(hits)} of {sum(m is not None for m in motif_of.values())} motif images in the top "
           f"{TOP} over {len(MOTIFS)} queries (chance {sum(m is not None for m in motif_of.values()) * TOP / len(items):.2f})")
     print(f"teacher seconds per query (pre-training losses cached): median {np.median(seconds):.1f} s "
