@@ -30,10 +30,10 @@ from fastattr_teacher.unlearn import newton_update
 
 @dataclasses.dataclass
 class RandomItem:
-    """A synthetic training item: fixed-seed noise image, a caption."""
+    """A synthetic training item: fixed-seed noise image, one caption."""
 
     id: str
-    caption: str
+    captions: tuple[str]
     size: int
 
     def load_image(self) -> Image.Image:
@@ -87,7 +87,7 @@ def main() -> None:
     device = torch.device(args.device)
     adapter = UNetAdapter(sd_pipeline(args.tiny), device=device)
     unet_params = sum(p.numel() for p in adapter.unet.parameters())
-    items = [RandomItem(str(i), f"a photo of object number {i}", adapter.resolution) for i in range(args.items)]
+    items = [RandomItem(str(i), (f"a photo of object number {i}",), adapter.resolution) for i in range(args.items)]
     config = dataclasses.replace(TeacherConfig(), fisher_samples=args.fisher_samples, batch_size=8)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"UNet {unet_params / 1e6:.0f}M parameters, {adapter.resolution}px -> "
@@ -96,7 +96,7 @@ def main() -> None:
     for item in items:  # VAE + text encodings: cached once per item in a real run, not part of a query
         adapter.encode_item(item, (False, True))
     fisher, fisher_s = timed(lambda: compute_preconditioner(adapter, items, config), device)
-    latents, text = adapter.encode_query(items[0].load_image(), items[0].caption)
+    latents, text = adapter.encode_query(items[0].load_image(), items[0].captions[0])
     grads, grad_s = timed(lambda: query_gradient(adapter, latents, text, config), device)
     _, newton_s = timed(lambda: newton_update(fisher, grads, config.alpha, config.damping), device)
     _, score_s = timed(lambda: item_losses(adapter, items, config, "score"), device)

@@ -35,7 +35,7 @@ class TrainingItem(Protocol):
     """What the teacher needs of a training item; ``index_tools.manifest.ManifestRow`` is one."""
 
     id: str
-    caption: str
+    captions: tuple[str, ...]  # one or more (MSCOCO has 5); losses average over them
 
     def load_image(self) -> Image.Image: ...
 
@@ -74,7 +74,8 @@ class _EncodingFiles:
     rows: dict[str, int]  # item id -> row
     flips: list[bool]
     latents: np.ndarray  # [n, len(flips), C, h, w] float32
-    text: np.ndarray  # [n, L, D] float32
+    text: np.ndarray  # [total captions, L, D] float32
+    text_start: np.ndarray  # [n + 1]: row i's captions are text[text_start[i]:text_start[i + 1]]
 
 
 class UNetAdapter:
@@ -98,6 +99,8 @@ class UNetAdapter:
                                 f"(the teacher supports epsilon and v_prediction models)")
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.resolution = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_shape = (int(self.vae.config.latent_channels), int(self.unet.config.sample_size),
+                             int(self.unet.config.sample_size))
         self.weights_modified = False  # set while unlearned weights are in place
         self.base_losses: dict[str, dict[str, np.ndarray]] = {}  # config hash -> item id -> losses
         self._latents: dict[tuple[str, bool], torch.Tensor] = {}
@@ -146,17 +149,20 @@ class UNetAdapter:
         return self.text_encoder(ids)[0][0]
 
     def encode_item(self, item: TrainingItem, flips: Sequence[bool] = (False,)) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents [len(flips), C, h, w], text [L, D]) of a training item, cached per (id, flip)."""
+        """(latents [len(flips), C, h, w], text [len(item.captions), L, D]) of a training item,
+        cached per (id, flip) and per caption."""
         files = self._files
         if files is not None and item.id in files.rows and set(flips) <= set(files.flips):
             row = files.rows[item.id]
             latents = np.stack([files.latents[row, files.flips.index(f)] for f in flips])
-            return torch.from_numpy(latents).to(self.device), torch.from_numpy(np.array(files.text[row])).to(self.device)
+            text = np.array(files.text[files.text_start[row]:files.text_start[row + 1]])
+            return torch.from_numpy(latents).to(self.device), torch.from_numpy(text).to(self.device)
         missing = [f for f in flips if (item.id, f) not in self._latents]
         if missing:
             for flip, latent in zip(missing, self.encode_image(item.load_image(), missing)):
                 self._latents[(item.id, flip)] = latent
-        return torch.stack([self._latents[(item.id, f)] for f in flips]), self.text_embedding(item.caption)
+        return (torch.stack([self._latents[(item.id, f)] for f in flips]),
+                torch.stack([self.text_embedding(caption) for caption in item.captions]))
 
     def attach_encoding_cache(self, items: Sequence[TrainingItem], cache_dir: str | Path,
                               flips: Sequence[bool] = (False, True), build: bool = True) -> bool:
@@ -167,12 +173,14 @@ class UNetAdapter:
         run resumes); run it in one process. Without, the files are used only when complete.
         Returns whether the cache is attached. The stored values are the in-memory path's bits."""
         root = Path(cache_dir) / f"encodings-{self.fingerprint()[:16]}"
-        header = {"ids": [item.id for item in items], "flips": [bool(f) for f in flips]}
+        header = {"ids": [item.id for item in items], "flips": [bool(f) for f in flips],
+                  "captions": [len(item.captions) for item in items]}
+        text_start = np.concatenate([[0], np.cumsum(header["captions"])])
         done_path = root / "done.json"
         if (root / "items.json").is_file():
             if json.loads((root / "items.json").read_text()) != header:
-                raise FastattrError(f"{root}: made for another list of training items or flips; delete the folder "
-                                    f"to re-encode")
+                raise FastattrError(f"{root}: made for another list of training items, captions or flips "
+                                    f"(or by an older fastattr); delete the folder to re-encode")
         elif not build:
             return False
         done = set(json.loads(done_path.read_text())) if done_path.is_file() else set()
@@ -182,13 +190,13 @@ class UNetAdapter:
         atomic_write_text(root / "items.json", json.dumps(header))
         shapes = {}
         if not ((root / "latents.npy").is_file() and (root / "text.npy").is_file()):
-            shapes = {"latents.npy": self.encode_image(items[0].load_image(), flips).shape,
-                      "text.npy": self._embed_text(items[0].caption).shape}
+            shapes = {"latents.npy": (len(items), *self.encode_image(items[0].load_image(), flips).shape),
+                      "text.npy": (int(text_start[-1]), *self._embed_text(items[0].captions[0]).shape)}
             done = set()
 
         def open_array(name: str) -> np.ndarray:
             if name in shapes:
-                return np.lib.format.open_memmap(root / name, "w+", np.float32, (len(items), *shapes[name]))
+                return np.lib.format.open_memmap(root / name, "w+", np.float32, shapes[name])
             return np.load(root / name, mmap_mode="r" if len(done) == len(items) else "r+")
 
         latents, text = open_array("latents.npy"), open_array("text.npy")
@@ -197,12 +205,14 @@ class UNetAdapter:
         for start in tqdm(range(0, len(todo), chunk), desc="encode training items", unit="chunk", disable=not todo):
             for i in todo[start:start + chunk]:
                 latents[i] = self.encode_image(items[i].load_image(), flips).cpu().numpy()
-                text[i] = self._embed_text(items[i].caption).cpu().numpy()
+                for row, caption in enumerate(items[i].captions, start=int(text_start[i])):
+                    text[row] = self._embed_text(caption).cpu().numpy()
             latents.flush()
             text.flush()
             done.update(todo[start:start + chunk])
             atomic_write_text(done_path, json.dumps(sorted(done)))
-        self._files = _EncodingFiles({item.id: i for i, item in enumerate(items)}, header["flips"], latents, text)
+        self._files = _EncodingFiles({item.id: i for i, item in enumerate(items)}, header["flips"], latents, text,
+                                     text_start)
         self._latents.clear()
         return True
 

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,9 +336,9 @@ def _teacher_inputs(job: CurationJob, plan: Plan, device: torch.device) -> tuple
 
 
 def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
-    """The Fisher over the training table (computed once, saved atomically) and the pre-training
-    losses of every item the plan scores (cached in chunks), so score workers only load them.
-    Main process only: the work is one pass, and concurrent writers would race on the cache."""
+    """The Fisher over the training table (computed once, checkpointed, saved atomically) and the
+    pre-training losses of every item the plan scores (cached in chunks), so score workers only load
+    them. Main process only: the work is one pass, and concurrent writers would race on the cache."""
     rank, _, _, launched = distributed()
     if rank != 0:
         return
@@ -347,7 +348,9 @@ def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
     if job.fisher_path.is_file():
         log.info("%s exists; delete it to recompute", job.fisher_path)
     else:
-        compute_preconditioner(adapter, items, job.teacher).save(job.fisher_path)
+        checkpoints = job.cache_dir / "fisher-passes"  # resumable passes, dropped once the Fisher is saved
+        compute_preconditioner(adapter, items, job.teacher, checkpoints).save(job.fisher_path)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     scored = np.unique(np.concatenate([q.candidates for q in plan.queries]))
     for start in range(0, len(scored), LOSS_CHUNK):
         pretrain_losses(adapter, [items[i] for i in scored[start:start + LOSS_CHUNK]], job.teacher, job.cache_dir)

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from fastattr_hook.config import to_dict
 from fastattr_hook.errors import FastattrError
 
 from .adapter import TrainingItem, UNetAdapter
 from .config import TeacherConfig
-from .fisher import check_coverage, read_fisher_file, training_draws, write_fisher_file
+from .fisher import check_coverage, read_fisher_file, summed_over_draws, write_fisher_file
 from .params import select_parameters
 
 # Per layer (parameter name): the inputs a [B, T, in] and output gradients g [B, T, out], float64.
@@ -117,50 +116,50 @@ def capture_linear_io(layers: dict[str, torch.nn.Linear], batch_loss: Callable[[
     return {name: (tokens(inputs[name]), tokens(g)) for name, g in zip(layers, grads)}
 
 
-def kronecker_bases(batches: Iterable[Captures]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(Q_G, Q_A) per layer: eigenvectors of sum_n sum_t g g^T and sum_n sum_t a a^T (the factors'
-    scale does not matter, only their eigenvectors are kept)."""
-    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for captures in batches:
-        for name, (a, g) in captures.items():
-            a, g = a.flatten(0, 1), g.flatten(0, 1)
-            cov_g, cov_a = sums.get(name, (0, 0))
-            sums[name] = (cov_g + g.T @ g, cov_a + a.T @ a)
-    return {name: (torch.linalg.eigh(cov_g).eigenvectors, torch.linalg.eigh(cov_a).eigenvectors)
-            for name, (cov_g, cov_a) in sums.items()}
+def factor_sums(captures: Captures) -> dict[str, torch.Tensor]:
+    """One batch's share of the Kronecker factors: sum_n sum_t g g^T ('<layer>.factor_out') and
+    sum_n sum_t a a^T ('<layer>.factor_in')."""
+    out = {}
+    for name, (a, g) in captures.items():
+        a, g = a.flatten(0, 1), g.flatten(0, 1)
+        out[f"{name}.factor_out"], out[f"{name}.factor_in"] = g.T @ g, a.T @ a
+    return out
 
 
-def corrected_eigenvalues(batches: Iterable[Captures], bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
-                          ) -> dict[str, torch.Tensor]:
-    """Lambda = mean over samples of (Q_G^T dW Q_A)^2 per layer, with dW = sum_t g_t a_t^T."""
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for captures in batches:
-        for name, (a, g) in captures.items():
-            q_out, q_in = bases[name]
-            rotated = torch.einsum("bto,bti->boi", g @ q_out, a @ q_in)
-            sums[name] = sums.get(name, 0) + rotated.pow(2).sum(0)
-        count += len(next(iter(captures.values()))[0])
-    return {name: s / count for name, s in sums.items()}
+def kronecker_bases(factors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(Q_G, Q_A) per layer: the eigenvectors of the summed factors (their scale does not matter)."""
+    names = [key.removesuffix(".factor_out") for key in factors if key.endswith(".factor_out")]
+    return {name: (torch.linalg.eigh(factors[f"{name}.factor_out"]).eigenvectors,
+                   torch.linalg.eigh(factors[f"{name}.factor_in"]).eigenvectors) for name in names}
 
 
-def compute_ekfac(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig) -> EKFAC:
+def rotated_squares(captures: Captures, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                    ) -> dict[str, torch.Tensor]:
+    """One batch's sum over samples of (Q_G^T dW Q_A)^2 per layer, with dW = sum_t g_t a_t^T; their
+    mean over all samples is the corrected eigenvalues Lambda."""
+    out = {}
+    for name, (a, g) in captures.items():
+        q_out, q_in = bases[name]
+        out[name] = torch.einsum("bto,bti->boi", g @ q_out, a @ q_in).pow(2).sum(0)
+    return out
+
+
+def compute_ekfac(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
+                  checkpoint_dir: str | Path | None = None) -> EKFAC:
     """EK-FAC of the selected Linear weights over the ``training_draws``: one pass for the factors'
-    eigenbases, a second over the same draws for the corrected eigenvalues."""
+    eigenbases, a second over the same draws for the corrected eigenvalues (each resumable)."""
     params = select_parameters(adapter.unet, config.params)
     layers = linear_layers(adapter.unet, params)
     live = {name: p.detach().requires_grad_(True) for name, p in params.items()}
 
-    def passes(desc: str) -> Iterator[Captures]:
-        bar = tqdm(total=config.fisher_samples, desc=desc, unit="sample")
-        for noisy, t, text, target in training_draws(adapter, items, config):
-            yield capture_linear_io(layers, lambda: adapter.prediction_loss(noisy, t, text, target, live))
-            bar.update(len(t))
-        bar.close()
+    def captured(noisy, t, text, target) -> Captures:
+        return capture_linear_io(layers, lambda: adapter.prediction_loss(noisy, t, text, target, live))
 
-    bases = kronecker_bases(passes("ekfac factors"))
-    eigenvalues = corrected_eigenvalues(passes("ekfac eigenvalues"), bases)
+    bases = kronecker_bases(summed_over_draws(adapter, items, config, "ekfac-factors",
+                                              lambda *batch: factor_sums(captured(*batch)), checkpoint_dir))
+    sums = summed_over_draws(adapter, items, config, "ekfac-eigenvalues",
+                             lambda *batch: rotated_squares(captured(*batch), bases), checkpoint_dir)
     meta = {"config": to_dict(config), "num_samples": config.fisher_samples, "model": adapter.fingerprint()}
     return EKFAC({name: q_out.float() for name, (q_out, _) in bases.items()},
                  {name: q_in.float() for name, (_, q_in) in bases.items()},
-                 {name: lam.float() for name, lam in eigenvalues.items()}, len(items), meta)
+                 {name: (s / config.fisher_samples).float() for name, s in sums.items()}, len(items), meta)

@@ -12,7 +12,11 @@ AbU+'s EK-FAC (``ekfac.py``) is the second implementation, chosen by ``TeacherCo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,11 @@ from .adapter import TrainingItem, UNetAdapter
 from .config import TeacherConfig
 from .params import select_parameters
 
+log = logging.getLogger(__name__)
+
 META_KEY = "fastattr_teacher"
+CHECKPOINT_SECONDS = 300.0  # a running Fisher pass saves its sums this often
+FISHER_FIELDS = ("params", "preconditioner", "fisher_samples", "seed", "batch_size")  # what the draws depend on
 
 
 class Preconditioner(Protocol):
@@ -109,58 +117,115 @@ def per_sample_grads(loss_fn: Callable[..., torch.Tensor], params: dict[str, tor
     return vmap(grad(loss_fn), in_dims=(None,) + (0,) * len(batched))(params, *batched)
 
 
-def training_draws(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
+def training_draws(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig, skip: int = 0
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The Fisher's ``config.fisher_samples`` draws in batches of (noisy latents, timesteps, text,
     target): items in seeded shuffled epochs, each with a uniform random timestep and fresh noise
-    (unflipped, as in training). Every Fisher kind, and every pass of one, sees the same draws."""
+    (unflipped, as in training), and a random caption where it has several. Every Fisher kind, and
+    every pass of one, sees the same draws. ``skip`` batches are drawn from the generator but not
+    encoded or yielded (a resumed pass)."""
     gen = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     while len(order) < config.fisher_samples:
         order += torch.randperm(len(items), generator=gen).tolist()
     order = order[:config.fisher_samples]
-    for start in range(0, len(order), config.batch_size):
+    for index, start in enumerate(range(0, len(order), config.batch_size)):
         batch = [items[i] for i in order[start:start + config.batch_size]]
+        noise = torch.randn((len(batch), *adapter.latent_shape), generator=gen).to(adapter.device)
+        t = torch.randint(0, adapter.num_train_timesteps, (len(batch),), generator=gen).to(adapter.device)
+        caption = [int(torch.randint(len(item.captions), (1,), generator=gen)) if len(item.captions) > 1 else 0
+                   for item in batch]
+        if index < skip:
+            continue
         encoded = [adapter.encode_item(item) for item in batch]
         latents = torch.cat([lat for lat, _ in encoded])
-        text = torch.stack([txt for _, txt in encoded])
-        noise = torch.randn(latents.shape, generator=gen).to(adapter.device)
-        t = torch.randint(0, adapter.num_train_timesteps, (len(batch),), generator=gen).to(adapter.device)
+        text = torch.stack([txt[k] for (_, txt), k in zip(encoded, caption)])
         noisy, target = adapter.prepare(latents, noise, t)
         yield noisy, t, text, target
 
 
-def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
-                            ) -> FisherDiagonal:
+def summed_over_draws(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig, name: str,
+                      batch_sums: Callable[..., dict[str, torch.Tensor]],
+                      checkpoint_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """float64 sums of ``batch_sums(noisy, t, text, target)`` over the ``training_draws``: one
+    Fisher pass. With a ``checkpoint_dir``, the running sums go to ``<name>.safetensors`` there every
+    ``CHECKPOINT_SECONDS`` and at the end, and a rerun continues after the last saved batch: the same
+    additions in the same order, so the same bits as an uninterrupted pass."""
+    path = Path(checkpoint_dir) / f"{name}.safetensors" if checkpoint_dir else None
+    key = _pass_key(adapter, items, config, name)
+    sums, done = _read_checkpoint(path, key) if path else ({}, 0)
+    sums = {part: s.to(adapter.device) for part, s in sums.items()}
+    batches = math.ceil(config.fisher_samples / config.batch_size)
+    bar = tqdm(total=config.fisher_samples, initial=min(done * config.batch_size, config.fisher_samples),
+               desc=name, unit="sample")
+    saved = time.monotonic()
+    for index, (noisy, t, text, target) in enumerate(training_draws(adapter, items, config, done), start=done):
+        for part, value in batch_sums(noisy, t, text, target).items():
+            value = value.to(torch.float64)
+            sums[part] = sums[part] + value if part in sums else value
+        bar.update(len(t))
+        if path and (index + 1 == batches or time.monotonic() - saved >= CHECKPOINT_SECONDS):
+            meta = {META_KEY: json.dumps({"pass": key, "batches_done": index + 1})}
+            atomic_write_bytes(path, save({part: s.cpu().contiguous() for part, s in sums.items()}, metadata=meta))
+            saved = time.monotonic()
+    bar.close()
+    return sums
+
+
+def _pass_key(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig, name: str) -> str:
+    """What a pass's sums depend on: a checkpoint made with anything else is not resumed."""
+    key = {"pass": name, "model": adapter.fingerprint(), "device": adapter.device.type,
+           "items": hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest(),
+           **{field: getattr(config, field) for field in FISHER_FIELDS}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_checkpoint(path: Path, key: str) -> tuple[dict[str, torch.Tensor], int]:
+    """(sums, batches done) of a pass checkpoint made with ``key``; nothing when absent or stale."""
+    if not path.is_file():
+        return {}, 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+            sums = {part: f.get_tensor(part) for part in f.keys()}
+    except (SafetensorError, json.JSONDecodeError) as exc:
+        raise FastattrError(f"{path}: unreadable Fisher checkpoint ({exc}); delete it to start this pass over") from exc
+    if meta.get("pass") != key:
+        log.warning("%s: made with another model, training set or Fisher settings; starting this pass over", path)
+        return {}, 0
+    log.info("%s: resuming after batch %d", path, meta["batches_done"])
+    return sums, int(meta["batches_done"])
+
+
+def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
+                            checkpoint_dir: str | Path | None = None) -> FisherDiagonal:
     """Mean squared per-sample gradient over the ``training_draws``."""
     params = {name: p.detach() for name, p in select_parameters(adapter.unet, config.params).items()}
 
     def sample_loss(p, noisy, t, text, target):
         return adapter.prediction_loss(noisy[None], t[None], text[None], target[None], p)[0]
 
-    sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    bar = tqdm(total=config.fisher_samples, desc="fisher", unit="sample")
-    for noisy, t, text, target in training_draws(adapter, items, config):
+    def squared_grads(noisy, t, text, target):
         with warnings.catch_warnings():  # vmap loops attention per sample; still ~3.7x a plain loop
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             grads = per_sample_grads(sample_loss, params, noisy, t, text, target)
-        for name, g in grads.items():
-            sums[name] += g.to(torch.float64).pow(2).sum(0)
-        bar.update(len(t))
-    bar.close()
+        return {name: g.to(torch.float64).pow(2).sum(0) for name, g in grads.items()}
+
+    sums = summed_over_draws(adapter, items, config, "fisher", squared_grads, checkpoint_dir)
     meta = {"config": to_dict(config), "num_samples": config.fisher_samples, "model": adapter.fingerprint()}
     return FisherDiagonal({name: (s / config.fisher_samples).float() for name, s in sums.items()}, len(items), meta)
 
 
-def compute_preconditioner(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig
-                           ) -> Preconditioner:
-    """The Fisher approximation ``config.preconditioner`` asks for."""
+def compute_preconditioner(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
+                           checkpoint_dir: str | Path | None = None) -> Preconditioner:
+    """The Fisher approximation ``config.preconditioner`` asks for; resumable through
+    ``checkpoint_dir`` (see ``summed_over_draws``), which the caller may delete once it is saved."""
     from .ekfac import compute_ekfac  # imported here because ekfac.py builds on this module
 
     if config.preconditioner == "diagonal":
-        return compute_fisher_diagonal(adapter, items, config)
+        return compute_fisher_diagonal(adapter, items, config, checkpoint_dir)
     if config.preconditioner == "ekfac":
-        return compute_ekfac(adapter, items, config)
+        return compute_ekfac(adapter, items, config, checkpoint_dir)
     raise FastattrError(f"unknown preconditioner '{config.preconditioner}' (choose from: diagonal, ekfac)")
 
 

@@ -1,11 +1,11 @@
 """Scoring: how much unlearning the query raised each training item's loss.
 
 ``tau(query, z) = L(z, theta_unlearned) - L(z, theta0)``, with both losses on IDENTICAL noise and
-timesteps (else the noise swamps the signal), averaged over T equally spaced timesteps, max over
-the unflipped and horizontally flipped image. The noise is seeded by (seed, item id) and each
-item is evaluated in its own batch, so any shard of the training set reproduces the full run's
-numbers bit for bit. The theta0 losses do not depend on the query: they are computed once per
-configuration hash and kept in memory (and on disk when given a cache folder).
+timesteps (else the noise swamps the signal), averaged over T equally spaced timesteps and the
+item's captions, max over the unflipped and horizontally flipped image. The noise is seeded by
+(seed, item id) and each item is evaluated in its own batch, so any shard of the training set
+reproduces the full run's numbers bit for bit. The theta0 losses do not depend on the query: they
+are computed once per configuration hash and kept in memory (and on disk when given a cache folder).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def item_flips(config: TeacherConfig) -> tuple[bool, ...]:
 @torch.no_grad()
 def item_losses(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
                 desc: str = "losses") -> np.ndarray:
-    """[n, flips] loss of every item under the current weights, averaged over the T timesteps."""
+    """[n, flips] loss of every item under the current weights, averaged over the T timesteps and
+    the item's captions."""
     flips = item_flips(config)
     timesteps = eval_timesteps(config.timesteps, adapter.num_train_timesteps).to(adapter.device)
     out = np.empty((len(items), len(flips)))
@@ -77,13 +78,15 @@ def item_losses(adapter: UNetAdapter, items: Sequence[TrainingItem], config: Tea
         latents, text = adapter.encode_item(item, flips)
         noise = torch.randn((config.timesteps, *latents.shape[1:]),
                             generator=torch.Generator().manual_seed(item_seed(config.seed, item.id)))
-        n = len(flips) * config.timesteps  # flip-major: every flip sees the same noise and timesteps
-        lat, txt = latents.repeat_interleave(config.timesteps, 0), text.expand(n, -1, -1)
-        eps, ts = noise.to(adapter.device).repeat(len(flips), 1, 1, 1), timesteps.repeat(len(flips))
+        repeats = len(flips) * len(text)  # (flip, caption, timestep) order; all see the same noise and timesteps
+        n = repeats * config.timesteps
+        lat = latents.repeat_interleave(len(text) * config.timesteps, 0)
+        txt = text.repeat_interleave(config.timesteps, 0).repeat(len(flips), 1, 1)
+        eps, ts = noise.to(adapter.device).repeat(repeats, 1, 1, 1), timesteps.repeat(repeats)
         losses = torch.cat([adapter.loss(lat[s:s + config.batch_size], txt[s:s + config.batch_size],
                                          eps[s:s + config.batch_size], ts[s:s + config.batch_size])
                             for s in range(0, n, config.batch_size)])
-        out[i] = losses.view(len(flips), config.timesteps).to(torch.float64).mean(1).cpu().numpy()
+        out[i] = losses.view(len(flips), -1).to(torch.float64).mean(1).cpu().numpy()
     return out
 
 

@@ -8,8 +8,10 @@ Only a manifest that cannot be read at all raises ``FastattrError``.
 
 Columns: ``id`` (unique), ``image`` (path, relative to the manifest's folder or absolute) and
 ``caption`` are required; ``creator``, ``license``, ``source_url`` and ``sha256`` (hex digest of
-the image file bytes) are optional; other columns are ignored. Webdataset/img2dataset shards
-group members by key (``00001.jpg`` + ``00001.txt`` caption + ``00001.json`` metadata).
+the image file bytes) are optional; other columns are ignored. In JSONL, Parquet and shard metadata
+``caption`` may be a list (MSCOCO has 5 per image): the first is the one the index embeds, the
+teacher uses them all. Webdataset/img2dataset shards group members by key (``00001.jpg`` +
+``00001.txt`` caption + ``00001.json`` metadata).
 
 Rejection reasons: ``bad_row``, ``empty_caption``, ``duplicate_id``, ``missing_image``,
 ``unreadable_image``, ``corrupt_image``, ``sha256_mismatch`` and ``corrupt_shard`` (a tar shard
@@ -92,6 +94,12 @@ class ManifestRow:
     image_ref: str  # absolute path, or "<abs shard path>::<member name>"
     # (offset, size) of a tar member's bytes in its shard, so loading is one seek, not a tar scan.
     tar_span: tuple[int, int] | None = field(default=None, repr=False)
+    more_captions: tuple[str, ...] = ()  # the captions after the first, where the manifest lists several
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """Every caption of the item, ``caption`` first."""
+        return (self.caption, *self.more_captions)
 
     def load_image(self) -> Image.Image:
         """The image fully decoded as RGB, so truncated files fail here and not inside a batch."""
@@ -424,8 +432,8 @@ def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: s
     ident = _text(fields, "id", source, required=True)
     if "caption" not in fields:
         raise RowRejected("bad_row", f"{source}: missing 'caption'; add a caption or remove the row")
-    caption = _text(fields, "caption", source)
-    if caption is None:
+    captions = _captions(fields, source)
+    if not captions:
         raise RowRejected("empty_caption", f"{source}: caption is empty; write a caption or remove the row")
     sha256 = _text(fields, "sha256", source)
     if sha256 is not None:
@@ -437,14 +445,24 @@ def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: s
         row=number,
         source=source,
         id=ident,
-        caption=caption,
+        caption=captions[0],
         creator=_text(fields, "creator", source),
         license=_text(fields, "license", source),
         source_url=_text(fields, "source_url", source),
         sha256=sha256,
         image_ref=image_ref,
         tar_span=tar_span,
+        more_captions=captions[1:],
     )
+
+
+def _captions(fields: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    """The non-empty captions of a row: ``caption`` is one text or a list of them."""
+    value = fields["caption"]
+    if not isinstance(value, (list, tuple)):
+        return tuple(text for text in [_text(fields, "caption", source)] if text is not None)
+    texts = [_text({"caption": v}, "caption", source) for v in value]
+    return tuple(text for text in texts if text is not None)
 
 
 def _text(fields: Mapping[str, Any], name: str, source: str, required: bool = False) -> str | None:

@@ -3,14 +3,16 @@ defining properties, hooks that see each sample's own gradient, and the teacher 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher import (EKFAC, FisherDiagonal, TeacherConfig, UNetAdapter, capture_linear_io,
-                              compute_fisher_diagonal, compute_preconditioner, corrected_eigenvalues,
-                              kronecker_bases, linear_layers, load_preconditioner, load_teacher_config,
-                              per_sample_grads, query_gradient, read_training_items, score_query)
+                              compute_fisher_diagonal, compute_preconditioner, factor_sums, kronecker_bases,
+                              linear_layers, load_preconditioner, load_teacher_config, per_sample_grads,
+                              query_gradient, read_training_items, rotated_squares, score_query)
 
 # The small config of test_teacher.py, with the EK-FAC Fisher.
 CONFIG = TeacherConfig(fisher_samples=160, query_pairs=128, timesteps=4, batch_size=32, preconditioner="ekfac")
@@ -43,8 +45,8 @@ def test_hooks_capture_each_samples_own_gradient():
 
 def test_inverse_apply_equals_a_dense_solve_of_the_ekfac_matrix():
     _, _, _, captures = _tiny_captures()
-    bases = kronecker_bases([captures])
-    lam = corrected_eigenvalues([captures], bases)["weight"]
+    bases = kronecker_bases(factor_sums(captures))
+    lam = rotated_squares(captures, bases)["weight"] / 12
     q_out, q_in = bases["weight"]
     fisher = EKFAC({"weight": q_out}, {"weight": q_in}, {"weight": lam}, num_train=12)
     # Row-major vec(Q_G R Q_A^T) = (Q_G kron Q_A) vec(R): the dense EK-FAC matrix plus relative damping.
@@ -69,16 +71,18 @@ def test_corrected_eigenvalues_are_the_kfac_products_on_kronecker_data():
                                                                                    dtype=torch.float64)
     a, g = a_k.repeat(7, 1)[:, None], g_m.repeat_interleave(6, 0)[:, None]
     captures = {"w": (a, g)}
-    bases = kronecker_bases([captures])
+    bases = kronecker_bases(factor_sums(captures))
     q_out, q_in = bases["w"]
     eig_g = torch.diagonal(q_out.T @ (g_m.T @ g_m / 7) @ q_out)
     eig_a = torch.diagonal(q_in.T @ (a_k.T @ a_k / 6) @ q_in)
-    torch.testing.assert_close(corrected_eigenvalues([captures], bases)["w"], torch.outer(eig_g, eig_a),
+    torch.testing.assert_close(rotated_squares(captures, bases)["w"] / 42, torch.outer(eig_g, eig_a),
                                rtol=1e-10, atol=1e-14)
-    # Accumulating over batches gives the same answer as one batch.
+    # Summing the batches' shares gives the same answer as one batch.
     halves = [{"w": (a[:21], g[:21])}, {"w": (a[21:], g[21:])}]
-    torch.testing.assert_close(corrected_eigenvalues(halves, kronecker_bases(halves))["w"],
-                               torch.outer(eig_g, eig_a), rtol=1e-10, atol=1e-14)
+    factors = [factor_sums(half) for half in halves]
+    bases = kronecker_bases({key: factors[0][key] + factors[1][key] for key in factors[0]})
+    squares = sum(rotated_squares(half, bases)["w"] for half in halves)
+    torch.testing.assert_close(squares / 42, torch.outer(eig_g, eig_a), rtol=1e-10, atol=1e-14)
 
 
 def test_preconditioner_in_teacher_config(tmp_path):
@@ -145,3 +149,41 @@ def test_ekfac_rejects_parameters_that_are_not_linear_weights(sandbox_ekfac):
     with pytest.raises(FastattrError, match=r"attn2\.to_out\.0\.bias' is not one"):
         compute_preconditioner(adapter, items, TeacherConfig(params="cross_attn", preconditioner="ekfac"))
     assert list(linear_layers(adapter.unet, fisher.eigenvalues)) == list(fisher.eigenvalues)
+
+
+@pytest.mark.parametrize("preconditioner, killed_at_write, batches_redone",
+                         [("diagonal", 3, 2), ("ekfac", 6, 3)])  # ekfac: pass 1 done (4 writes), 1 of pass 2
+def test_fisher_pass_killed_and_resumed_gives_the_same_bits(sandbox_ekfac, tmp_path, monkeypatch,
+                                                             preconditioner, killed_at_write, batches_redone):
+    import fastattr_teacher.fisher as fisher_mod
+
+    adapter, items, _ = sandbox_ekfac
+    config = TeacherConfig(fisher_samples=64, batch_size=16, preconditioner=preconditioner)  # 4 batches a pass
+    expected = compute_preconditioner(adapter, items, config)
+    monkeypatch.setattr(fisher_mod, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every batch
+    writes, write = [], fisher_mod.atomic_write_bytes
+
+    def killed(path, data):
+        writes.append(path)
+        if len(writes) == killed_at_write:
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(fisher_mod, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compute_preconditioner(adapter, items, config, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(fisher_mod, "CHECKPOINT_SECONDS", 0.0)
+    encoded = []
+    monkeypatch.setattr(adapter, "encode_item", lambda item, *a: encoded.append(item) or type(adapter).encode_item(
+        adapter, item, *a))
+    resumed = compute_preconditioner(adapter, items, config, tmp_path)
+    assert len(encoded) == batches_redone * 16  # the saved batches are not redone
+    parts = ("diagonal",) if preconditioner == "diagonal" else ("basis_out", "basis_in", "eigenvalues")
+    for part in parts:
+        got, want = getattr(resumed, part), getattr(expected, part)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), part
+    # A checkpoint made with other settings is not resumed: the pass starts over.
+    encoded.clear()
+    compute_preconditioner(adapter, items, dataclasses.replace(config, seed=1), tmp_path)
+    assert len(encoded) == 64 * (1 if preconditioner == "diagonal" else 2)

@@ -320,6 +320,28 @@ def test_validate_without_images_only_checks_structure(tmp_path: Path, capsys: p
     assert "validate train.jsonl" in capsys.readouterr().err  # the tqdm bar
 
 
+def test_several_captions_per_item(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    jsonl = write_jsonl(tmp_path / "train.jsonl", [
+        {"id": "coco", "image": "a.png", "caption": [" a dog ", "", "a brown dog on grass", "a puppy"]},
+        {"id": "one", "image": "a.png", "caption": "a cat"},
+        {"id": "none", "image": "a.png", "caption": ["", " "]},
+        {"id": "bad", "image": "a.png", "caption": ["a bird", {"text": "nested"}]},
+    ])
+    pq.write_table(pa.table({"id": ["p"], "image": ["a.png"], "caption": [["first", "second"]]}),
+                   tmp_path / "train.parquet")
+
+    coco, one, none, bad = iter_manifest(jsonl)
+    (parquet,) = iter_manifest(tmp_path / "train.parquet")
+
+    # The first caption is the one the index embeds; the teacher averages over all of them.
+    assert coco.caption == "a dog" and coco.captions == ("a dog", "a brown dog on grass", "a puppy")
+    assert one.captions == ("a cat",) and parquet.captions == ("first", "second")
+    assert (none.reason, bad.reason) == ("empty_caption", "bad_row")
+    assert "'caption' must be text, got dict" in bad.message
+
+
 def test_bad_values_and_csv_field_count_are_bad_rows(tmp_path: Path) -> None:
     jsonl = write_jsonl(tmp_path / "train.jsonl", [
         '["not", "an", "object"]',

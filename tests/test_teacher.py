@@ -3,6 +3,8 @@ the diagonal-Fisher Newton step against a hand computation, parameter selection.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ import torch
 from fastattr_hook._io import atomic_write_text
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher import (FisherDiagonal, Scores, TeacherConfig, UNetAdapter, add_update, compute_fisher_diagonal,
-                              load_teacher_config, newton_update, per_sample_grads, pretrain_losses,
-                              read_training_items, restored, score_query, select_parameters)
+                              item_losses, load_teacher_config, newton_update, per_sample_grads, pretrain_losses,
+                              read_training_items, restored, score_query, select_parameters, training_draws)
 
 # Small but faithful: 160 Fisher samples (one epoch), 128 query pairs, 4 timesteps x 2 flips.
 CONFIG = TeacherConfig(fisher_samples=160, query_pairs=128, timesteps=4, batch_size=32)
@@ -116,6 +118,34 @@ def test_encoding_cache_serves_the_same_bits_and_resumes(micro_sandbox, tmp_path
         assert torch.equal(got_latents, latents.flip(0)) and torch.equal(got_text, text)
     with pytest.raises(FastattrError, match="another list of training items"):
         served.attach_encoding_cache(items[1:], tmp_path, build=False)
+
+
+def test_items_with_several_captions(micro_sandbox, tmp_path):
+    """Losses average over an item's captions (all with the same noise and timesteps), the Fisher
+    draws one caption at random, and the encoding cache serves them all."""
+    adapter = _adapter(micro_sandbox)
+    rows = read_training_items(micro_sandbox / "data" / "manifest.jsonl")
+    both = dataclasses.replace(rows[0], more_captions=(rows[1].caption,))
+    alone = dataclasses.replace(rows[0], caption=rows[1].caption)  # same id, so the same noise
+    losses = item_losses(adapter, [rows[0], alone, both], TeacherConfig(timesteps=3))
+    np.testing.assert_allclose(losses[2], losses[:2].mean(0), rtol=1e-5)
+
+    items = [both, dataclasses.replace(rows[2], more_captions=(rows[3].caption, rows[4].caption))]
+    config = TeacherConfig(fisher_samples=48, batch_size=8)
+    draws = list(training_draws(adapter, items, config))
+    embeddings = {caption: adapter.text_embedding(caption) for item in items for caption in item.captions}
+    drawn = [next(c for c, e in embeddings.items() if torch.equal(e, text))
+             for _, _, texts, _ in draws for text in texts]
+    assert set(drawn) == set(embeddings) and len(drawn) == 48
+    for got, expected in zip(training_draws(adapter, items, config, skip=2), draws[2:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))  # a resumed pass sees the same draws
+
+    cached = _adapter(micro_sandbox)
+    assert cached.attach_encoding_cache([rows[5], *items], tmp_path)
+    for item in [rows[5], *items]:
+        (latents, text), expected = cached.encode_item(item, (True,)), adapter.encode_item(item, (True,))
+        assert text.shape[0] == len(item.captions)
+        assert torch.equal(latents, expected[0]) and torch.equal(text, expected[1])
 
 
 def test_loss_is_the_sandbox_training_loss(teacher_run):

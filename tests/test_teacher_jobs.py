@@ -92,6 +92,7 @@ def reference(micro_sandbox, tmp_path_factory):
     job = load_job(write_job(tmp_path_factory.mktemp("reference"), micro_sandbox))
     curate(job)
     run_fisher(job)
+    assert not (job.cache_dir / "fisher-passes").exists()  # dropped once the Fisher is saved
     assert len(score_queue(job)) == 4
     merge(job)
     return Path(job.out)
