@@ -173,9 +173,10 @@ def summed_over_draws(adapter: UNetAdapter, items: Sequence[TrainingItem], confi
 
 
 def _pass_key(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig, name: str) -> str:
-    """What a pass's sums depend on: a checkpoint made with anything else is not resumed."""
+    """What a pass's sums depend on (the captions too: they steer the draws): a checkpoint made with
+    anything else is not resumed."""
     key = {"pass": name, "model": adapter.fingerprint(), "device": adapter.device.type,
-           "items": hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest(),
+           "items": hashlib.sha256(json.dumps([[item.id, *item.captions] for item in items]).encode()).hexdigest(),
            **{field: getattr(config, field) for field in FISHER_FIELDS}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -459,9 +459,8 @@ def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: s
 def _captions(fields: Mapping[str, Any], source: str) -> tuple[str, ...]:
     """The non-empty captions of a row: ``caption`` is one text or a list of them."""
     value = fields["caption"]
-    if not isinstance(value, (list, tuple)):
-        return tuple(text for text in [_text(fields, "caption", source)] if text is not None)
-    texts = [_text({"caption": v}, "caption", source) for v in value]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    texts = [_text({"caption": v}, "caption", source) for v in values]
     return tuple(text for text in texts if text is not None)
 
 

@@ -184,6 +184,11 @@ def test_fisher_pass_killed_and_resumed_gives_the_same_bits(sandbox_ekfac, tmp_p
         got, want = getattr(resumed, part), getattr(expected, part)
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), part
     # A checkpoint made with other settings is not resumed: the pass starts over.
+    passes = 1 if preconditioner == "diagonal" else 2
     encoded.clear()
     compute_preconditioner(adapter, items, dataclasses.replace(config, seed=1), tmp_path)
-    assert len(encoded) == 64 * (1 if preconditioner == "diagonal" else 2)
+    assert len(encoded) == 64 * passes
+    encoded.clear()  # nor is one made for other captions (they steer the draws)
+    recaptioned = [dataclasses.replace(items[0], more_captions=("another caption",)), *items[1:]]
+    compute_preconditioner(adapter, recaptioned, dataclasses.replace(config, seed=1), tmp_path)
+    assert len(encoded) == 64 * passes
