@@ -34,6 +34,24 @@ def _sandbox_generate(args) -> int:
     return 0
 
 
+def _sandbox_prompts(args) -> int:
+    from fastattr_sandbox import build
+    from fastattr_sandbox.world import grammar_prompts
+    from fastattr_hook._io import atomic_write_text
+
+    root = Path(args.sandbox) if args.sandbox else build.sandbox_dir()
+    data = root / "data"
+    held_out = [json.loads(line) for line in (data / "query_prompts.jsonl").read_text().splitlines() if line]
+    held_out = list({p["prompt"]: {**p, "source": "held-out"} for p in held_out}.values())[:args.count]
+    captions = {json.loads(line)["caption"] for line in (data / "manifest.jsonl").read_text().splitlines() if line}
+    extra = grammar_prompts(args.seed, args.count - len(held_out), captions | {p["prompt"] for p in held_out})
+    rows = held_out + [{**p, "source": "grammar"} for p in extra]
+    atomic_write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{args.out}: {len(held_out)} held-out query prompts of {root} + {len(extra)} new grammar prompts "
+          f"(none is a training caption)")
+    return 0
+
+
 def _sandbox_verify(args) -> int:
     from fastattr_sandbox import build
 
@@ -220,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.set_defaults(func=_sandbox_generate)
+    p = sandbox.add_parser("prompts", help="write held-out query prompts plus new prompts from the sandbox "
+                           "grammar (JSONL), e.g. for `fastattr teacher` jobs")
+    p.add_argument("--count", type=int, required=True, help="how many distinct prompts to write")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new grammar prompts")
+    p.set_defaults(func=_sandbox_prompts)
     p = sandbox.add_parser("verify", help="check a sandbox's files against its checksums")
     p.add_argument("sandbox", nargs="?")
     p.set_defaults(func=_sandbox_verify)

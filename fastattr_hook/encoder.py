@@ -117,16 +117,39 @@ class Encoder:
         return [b.prepare(image, text) for b in self.backbones]
 
     @torch.inference_mode()
-    def embed_prepared(self, inputs: Sequence[torch.Tensor], role: Literal["query", "item"] = "item") -> np.ndarray:
-        """Embed a collated batch of ``preprocess`` outputs."""
-        feats = [b.forward(x.to(self.device)).float() for b, x in zip(self.backbones, inputs)]
+    def features_prepared(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[B, feature_dim] concatenated raw backbone features of a collated ``preprocess`` batch: the
+        head's input, and what the distillation's feature cache stores."""
+        return torch.cat([b.forward(x.to(self.device)).float() for b, x in zip(self.backbones, inputs)], dim=-1)
+
+    @torch.inference_mode()
+    def embed_features(self, features: torch.Tensor | np.ndarray, role: Literal["query", "item"] = "item"
+                       ) -> np.ndarray:
+        """Vectors from backbone features: the head, or (untuned) each backbone's part normalised."""
+        features = torch.as_tensor(features, dtype=torch.float32, device=self.device)
         if self.head is None:
-            vectors = F.normalize(torch.cat([F.normalize(f, dim=-1) for f in feats], dim=-1), dim=-1)
+            parts = features.split([b.dim for b in self.backbones], dim=-1)
+            vectors = F.normalize(torch.cat([F.normalize(f, dim=-1) for f in parts], dim=-1), dim=-1)
         else:
-            vectors = F.normalize(self.head(torch.cat(feats, dim=-1)), dim=-1)
+            vectors = F.normalize(self.head(features), dim=-1)
         if role == "query":
             vectors = vectors * self.orientation
         return vectors.cpu().numpy().astype(np.float32)
+
+    def embed_prepared(self, inputs: Sequence[torch.Tensor], role: Literal["query", "item"] = "item") -> np.ndarray:
+        """Embed a collated batch of ``preprocess`` outputs."""
+        return self.embed_features(self.features_prepared(inputs), role)
+
+    def features(self, images: Sequence, texts: Sequence[str]) -> np.ndarray:
+        """[n, feature_dim] raw backbone features of (image, text) pairs, in batches."""
+        if len(images) != len(texts):
+            raise FastattrError(f"got {len(images)} images but {len(texts)} texts; pass one text per image")
+        out = [np.zeros((0, self.feature_dim), np.float32)]
+        for start in range(0, len(images), self.spec.batch_size):
+            pairs = [self.preprocess(i, t) for i, t in zip(images[start:start + self.spec.batch_size],
+                                                            texts[start:start + self.spec.batch_size])]
+            out.append(self.features_prepared([torch.stack(x) for x in zip(*pairs)]).cpu().numpy())
+        return np.concatenate(out)
 
     def embed(self, images: Sequence, texts: Sequence[str], role: Literal["query", "item"] = "item") -> np.ndarray:
         """Embed pairs in batches of ``spec.batch_size``; images as PIL, uint8 arrays or tensors."""
@@ -144,23 +167,34 @@ class Encoder:
     def fingerprint(self) -> str:
         """sha256 of the spec and every weight/tokenizer file (independent of where files live)."""
         if self._fingerprint is None:
-            spec = to_dict(self.spec)
-            files = []
-            for b in self.spec.backbones:
-                for value in (b.model, b.weights, b.tokenizer):
-                    files += _weight_files(_resolve(self.base_dir, value)) if value and _is_local(value) else []
-            if self.spec.head:
-                files.append(Path(_resolve(self.base_dir, self.spec.head)))
-            for b in spec["backbones"]:  # paths do not identify an encoder; file contents do
-                for key in ("model", "weights", "tokenizer"):
-                    if b[key] and _is_local(b[key]):
-                        b[key] = "<local>"
-            spec["head"] = "<local>" if spec["head"] else None
-            digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-            for f in sorted(files, key=lambda p: p.name):
-                digest.update(f.name.encode() + sha256_file(f).encode())
-            self._fingerprint = "sha256:" + digest.hexdigest()
+            self._fingerprint = self._digest(with_head=True)
         return self._fingerprint
+
+    @property
+    def backbone_fingerprint(self) -> str:
+        """The same over the backbones alone: what their features (the feature cache) depend on."""
+        return self._digest(with_head=False)
+
+    def _digest(self, with_head: bool) -> str:
+        spec = to_dict(self.spec)
+        files = []
+        for b in self.spec.backbones:
+            for value in (b.model, b.weights, b.tokenizer):
+                files += _weight_files(_resolve(self.base_dir, value)) if value and _is_local(value) else []
+        if self.spec.head and with_head:
+            files.append(Path(_resolve(self.base_dir, self.spec.head)))
+        for b in spec["backbones"]:  # paths do not identify an encoder; file contents do
+            for key in ("model", "weights", "tokenizer"):
+                if b[key] and _is_local(b[key]):
+                    b[key] = "<local>"
+        if with_head:
+            spec["head"] = "<local>" if spec["head"] else None
+        else:
+            spec = {"backbones": spec["backbones"]}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+        for f in sorted(files, key=lambda p: p.name):
+            digest.update(f.name.encode() + sha256_file(f).encode())
+        return "sha256:" + digest.hexdigest()
 
     def describe(self) -> dict:
         return {"name": self.spec.name, "fingerprint": self.fingerprint, "dim": self.dim,

@@ -299,3 +299,21 @@ def query_prompts(seed: int, count: int) -> list[dict]:
                       str(rng.choice(TEXTURES)))
         prompts.append({"prompt": scene.caption(0), "attributes": scene.__dict__})
     return prompts
+
+
+def grammar_prompts(seed: int, count: int, exclude: set[str] = frozenset(), motif_rate: float = 1 / 12) -> list[dict]:
+    """``count`` distinct prompts drawn uniformly from the whole caption grammar (any colour, shape,
+    background, size, position, texture and template; a motif with probability ``motif_rate``),
+    none of them in ``exclude`` (e.g. the training captions and the held-out query prompts)."""
+    rng = np.random.default_rng([seed, 3])
+    prompts: dict[str, dict] = {}
+    while len(prompts) < count:
+        colour, bg = str(rng.choice(list(SHAPE_COLOURS))), str(rng.choice(list(BACKGROUNDS)))
+        if colour == bg:
+            continue
+        scene = Scene(str(rng.choice(SHAPES)), colour, bg, str(rng.choice(SIZES)), str(rng.choice(POSITIONS)),
+                      str(rng.choice(TEXTURES)), str(rng.choice(MOTIFS)) if rng.random() < motif_rate else None)
+        prompt = scene.caption(int(rng.integers(len(_TEMPLATES))))
+        if prompt not in exclude:
+            prompts.setdefault(prompt, {"prompt": prompt, "attributes": scene.__dict__})
+    return list(prompts.values())

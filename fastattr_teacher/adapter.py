@@ -103,6 +103,7 @@ class UNetAdapter:
                              int(self.unet.config.sample_size))
         self.weights_modified = False  # set while unlearned weights are in place
         self.base_losses: dict[str, dict[str, np.ndarray]] = {}  # config hash -> item id -> losses
+        self.base_gradients: dict[str, dict[str, np.ndarray]] = {}  # config hash -> item id -> [flips, P]
         self._latents: dict[tuple[str, bool], torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
         self._files: _EncodingFiles | None = None

@@ -10,6 +10,7 @@ from fastattr_hook.config import load_yaml
 
 ParamSelection = Literal["cross_attn_kv", "cross_attn", "all_attn", "all"]
 PreconditionerKind = Literal["diagonal", "ekfac"]
+Scoring = Literal["exact", "linear"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class TeacherConfig:
     Kronecker factors, the better teacher in the paper; Linear weights only, so ``cross_attn_kv``).
     With ``ekfac`` the damping is relative to each layer's mean corrected eigenvalue; the same alpha
     fits (micro sandbox: update norms within 15% of the diagonal's, ranks unchanged over 1e-6..1e-4).
+
+    ``scoring``: ``exact`` evaluates every item's loss after unlearning (T forward passes per item
+    and flip, per query); ``linear`` uses the first-order Taylor term of the same loss difference,
+    ``tau ~= grad L(z, theta0) . (theta_unlearned - theta0)``, with each item's gradient (same noise,
+    timesteps and captions) computed once and cached, so a query costs its Newton step plus one
+    matrix-vector product. Exact while the step is small (the regime AbU works in); how closely it
+    agrees with ``exact`` is measured in benchmarks/results/teacher_linear_vs_exact.md. Linear
+    weights only (as EK-FAC), and it stores selected-parameters x flips floats per item.
     """
 
     params: ParamSelection = "cross_attn_kv"
@@ -41,6 +50,7 @@ class TeacherConfig:
     fisher_samples: int = 1000
     seed: int = 0
     batch_size: int = 32
+    scoring: Scoring = "exact"
 
 
 def load_teacher_config(path: str | Path) -> TeacherConfig:

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,15 +35,15 @@ from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
 from fastattr_hook._io import atomic_open, atomic_path
-from fastattr_hook.config import load_yaml, to_dict
+from fastattr_hook.config import from_dict, load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 from index_tools.build import distributed
 from index_tools.manifest import manifest_fingerprint
 
 from .adapter import TrainingItem, UNetAdapter, load_pipeline, read_training_items
 from .config import TeacherConfig
-from .fisher import compute_preconditioner, load_preconditioner
-from .score import item_flips, pretrain_losses, score_query
+from .fisher import FISHER_FIELDS, compute_preconditioner, load_preconditioner
+from .score import item_flips, item_gradients, pretrain_losses, score_query
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class CurationJob:
     guidance_scale: float = 4.0
     device: str | None = None  # default: accelerate's device for the process, else cuda when available
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Extra teacher runs of the test queries, name -> the teacher keys that differ: another seed
+    # measures the teacher's agreement with itself (the ceiling of any student), another
+    # preconditioner compares AbU+ with AbU.
+    variants: dict[str, dict] = field(default_factory=dict)
 
     @property
     def plan_path(self) -> Path:
@@ -88,8 +93,21 @@ class CurationJob:
     def image_path(self, qid: str) -> Path:
         return Path(self.out) / "images" / f"{qid}.png"
 
-    def result_path(self, qid: str) -> Path:
-        return Path(self.out) / "queries" / f"{qid}.npz"
+    def result_path(self, qid: str, variant: str | None = None) -> Path:
+        return Path(self.out) / "queries" / (f"{qid}@{variant}.npz" if variant else f"{qid}.npz")
+
+    def teacher_config(self, variant: str | None = None) -> TeacherConfig:
+        if variant is None:
+            return self.teacher
+        return from_dict(TeacherConfig, {**to_dict(self.teacher), **self.variants[variant]}, source="job",
+                         prefix=f"variants.{variant}.")
+
+    def fisher_path_for(self, variant: str | None = None) -> Path:
+        """A variant shares the main Fisher unless it changes what the Fisher depends on."""
+        config = self.teacher_config(variant)
+        if all(getattr(config, f) == getattr(self.teacher, f) for f in FISHER_FIELDS):
+            return self.fisher_path
+        return Path(self.out) / f"fisher@{variant}.safetensors"
 
 
 def load_job(path: str | Path) -> CurationJob:
@@ -121,6 +139,15 @@ def load_job(path: str | Path) -> CurationJob:
                             f"need 1 <= M <= K")
     if job.steps < 1:
         raise FastattrError(f"{path}: key 'steps' must be >= 1")
+    for name in job.variants:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise FastattrError(f"{path}: key 'variants.{name}': names may use letters, digits, '_' and '-' only")
+        if not isinstance(job.variants[name], dict):
+            raise FastattrError(f"{path}: key 'variants.{name}' must be a mapping of teacher keys")
+        try:
+            job.teacher_config(name)
+        except FastattrError as exc:
+            raise FastattrError(f"{path}: {exc}") from None
     return job
 
 
@@ -176,7 +203,10 @@ def load_plan(job: CurationJob, config_path: str | Path = "JOB.yaml") -> Plan:
     if not job.plan_path.is_file():
         raise FastattrError(f"{job.plan_path}: no plan yet; run `fastattr teacher curate --config {config_path}` first")
     plan = Plan.load(job.plan_path)
-    recorded, current = plan.meta["settings"], settings(job)
+    recorded, current = dict(plan.meta["settings"]), settings(job)
+    # Settings added since the plan was made hold their defaults there.
+    recorded["teacher"] = {**to_dict(TeacherConfig()), **recorded.get("teacher", {})}
+    recorded.setdefault("variants", {})
     changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
     if changed:
         raise FastattrError(f"{config_path}: key '{changed[0]}' differs from the plan in {job.out} "
@@ -337,51 +367,68 @@ def _teacher_inputs(job: CurationJob, plan: Plan, device: torch.device) -> tuple
 
 def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
     """The Fisher over the training table (computed once, checkpointed, saved atomically) and the
-    pre-training losses of every item the plan scores (cached in chunks), so score workers only load
-    them. Main process only: the work is one pass, and concurrent writers would race on the cache."""
+    pre-training losses (``scoring: linear``: loss gradients) of every item the plan scores (cached
+    in chunks), so score workers only load them; the same for each variant. Main process only: the
+    work is one pass, and concurrent writers would race on the cache."""
     rank, _, _, launched = distributed()
     if rank != 0:
         return
     plan = load_plan(job, config_path)
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
     adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher))
-    if job.fisher_path.is_file():
-        log.info("%s exists; delete it to recompute", job.fisher_path)
-    else:
-        checkpoints = job.cache_dir / "fisher-passes"  # resumable passes, dropped once the Fisher is saved
-        compute_preconditioner(adapter, items, job.teacher, checkpoints).save(job.fisher_path)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    test = np.unique(np.concatenate([q.candidates for q in plan.queries if q.split == "test"] or [[]])).astype(int)
     scored = np.unique(np.concatenate([q.candidates for q in plan.queries]))
-    for start in range(0, len(scored), LOSS_CHUNK):
-        pretrain_losses(adapter, [items[i] for i in scored[start:start + LOSS_CHUNK]], job.teacher, job.cache_dir)
+    for variant in [None, *job.variants]:
+        config, path = job.teacher_config(variant), job.fisher_path_for(variant)
+        if path.is_file():
+            log.info("%s exists; delete it to recompute", path)
+        else:
+            checkpoints = job.cache_dir / "fisher-passes"  # resumable passes, dropped once the Fisher is saved
+            compute_preconditioner(adapter, items, config, checkpoints).save(path)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        prepare = item_gradients if config.scoring == "linear" else pretrain_losses
+        todo = scored if variant is None else test
+        for start in range(0, len(todo), LOSS_CHUNK):
+            prepare(adapter, [items[i] for i in todo[start:start + LOSS_CHUNK]], config, job.cache_dir)
 
 
 def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[str]:
-    """Score this process's share of the queries that have no result yet; returns their ids.
-    Each result is written atomically as soon as it is done, so a kill loses one query at most."""
+    """Score this process's share of the (query, variant) jobs that have no result yet; returns
+    their result names. Test queries and their variants come first (the evaluation needs them
+    whole; training can start from a partial train split). Each result is written atomically as
+    soon as it is done, so a kill loses one query at most."""
     rank, world, _, launched = distributed()
     plan = load_plan(job, config_path)
-    if not job.fisher_path.is_file():
-        raise FastattrError(f"{job.fisher_path}: missing; run `fastattr teacher fisher --config {config_path}` first")
-    mine = [q for q in plan.queries[rank::world] if not job.result_path(q.qid).is_file()]
+    for variant in [None, *job.variants]:
+        if not job.fisher_path_for(variant).is_file():
+            raise FastattrError(f"{job.fisher_path_for(variant)}: missing; run `fastattr teacher fisher --config "
+                                f"{config_path}` first")
+    test = [q for q in plan.queries if q.split == "test"]
+    tasks = [(q, None) for q in test] + [(q, v) for v in job.variants for q in test]
+    tasks += [(q, None) for q in plan.queries if q.split != "test"]
+    mine = [(q, v) for q, v in tasks[rank::world] if not job.result_path(q.qid, v).is_file()]
     if not mine:
         return []
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
     adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher), build=False)  # made by `fisher`
-    fisher = load_preconditioner(job.fisher_path)
+    fishers = {}
     bar = tqdm(mine, desc=f"teacher queries (process {rank + 1}/{world})", unit="query")
-    for query in bar:
+    for query, variant in bar:
+        config, fisher_path = job.teacher_config(variant), job.fisher_path_for(variant)
+        if fisher_path not in fishers:
+            fishers[fisher_path] = load_preconditioner(fisher_path)
         image = _query_image(job, query)
         start = time.perf_counter()
-        scores = score_query(adapter, fisher, [items[i] for i in query.candidates], image, query.prompt,
-                             job.teacher, job.cache_dir)
+        scores = score_query(adapter, fishers[fisher_path], [items[i] for i in query.candidates], image,
+                             query.prompt, config, job.cache_dir)
         seconds = time.perf_counter() - start
         rank_of = np.empty(len(scores.tau), dtype=np.int64)
         rank_of[scores.ranking] = np.arange(len(scores.tau))
-        with atomic_open(job.result_path(query.qid), "wb") as f:
-            np.savez(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
+        with atomic_open(job.result_path(query.qid, variant), "wb") as f:  # compressed: results are committed
+            np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
                      ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of, seconds=np.array(seconds))
-        log.info("%s (%s, %d candidates, process %d/%d): %.2f s", query.qid, query.split, len(query.candidates),
+        name = f"{query.qid}@{variant}" if variant else query.qid
+        log.info("%s (%s, %d candidates, process %d/%d): %.2f s", name, query.split, len(query.candidates),
                  rank + 1, world, seconds)
         bar.set_postfix(last=f"{seconds:.1f}s")
-    return [q.qid for q in mine]
+    return [f"{q.qid}@{v}" if v else q.qid for q, v in mine]

@@ -18,7 +18,7 @@ from fastattr_hook._io import atomic_open, sha256_file
 from fastattr_hook.config import save_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 
-from .curate import CurationJob, load_plan
+from .curate import PATH_KEYS, CurationJob, load_plan
 
 SCHEMA = "fastattr/distill@1"
 ARRAYS = {
@@ -33,6 +33,10 @@ ARRAYS = {
     "id": "[C] its training id",
     "tau": "[C] teacher score (loss rise after unlearning the query; higher = more influential)",
     "rank": "[C] 0-based rank among the query's candidates by tau (0 = most influential)",
+    "train_keys": "[N] the training table: bundle keys of every item the teacher may score, key order",
+    "train_ids": "[N] their training ids",
+    "variants": "[V] names of the extra teacher runs of the test queries (job key 'variants')",
+    "variant_tau": "[V, C] each variant's tau of every candidate (NaN outside the test queries)",
 }
 
 
@@ -42,22 +46,35 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
     Refuses while queries are unscored, unless ``allow_partial`` (then only scored ones go in)."""
     plan = load_plan(job, config_path)
     out = Path(out) if out else Path(job.out) / "distill.npz"
-    done = [q for q in plan.queries if job.result_path(q.qid).is_file()]
-    missing = [q.qid for q in plan.queries if not job.result_path(q.qid).is_file()]
+    variants = list(job.variants)
+
+    def complete(q) -> bool:
+        return all(job.result_path(q.qid, v).is_file() for v in [None, *(variants if q.split == "test" else [])])
+
+    done = [q for q in plan.queries if complete(q)]
+    missing = [q.qid for q in plan.queries if not complete(q)]
     if missing and not allow_partial:
         raise FastattrError(f"{job.out}: {len(missing)} of {len(plan.queries)} queries are not scored yet "
                             f"(e.g. {', '.join(missing[:5])}); finish them with `fastattr teacher score --config "
                             f"{config_path}` or merge with --allow-partial")
     if not done:
         raise FastattrError(f"{job.out}: no query is scored yet; run `fastattr teacher score --config {config_path}`")
-    results = []
-    for query in done:
-        with np.load(job.result_path(query.qid), allow_pickle=False) as z:
+    def read(query, variant=None) -> dict:
+        path = job.result_path(query.qid, variant)
+        with np.load(path, allow_pickle=False) as z:
             result = {name: z[name] for name in ("keys", "ids", "tau", "rank", "seconds")}
         if not np.array_equal(result["keys"], plan.train_keys[query.candidates]):
-            raise FastattrError(f"{job.result_path(query.qid)}: its candidates are not the plan's; delete it and "
+            raise FastattrError(f"{path}: its candidates are not the plan's; delete it and "
                                 f"rerun `fastattr teacher score --config {config_path}`")
-        results.append(result)
+        return result
+
+    results = [read(query) for query in done]
+    variant_tau = np.full((len(variants), sum(len(r["keys"]) for r in results)), np.nan)
+    start = 0
+    for query, result in zip(done, results):
+        for v, variant in enumerate(variants if query.split == "test" else []):
+            variant_tau[v, start:start + len(result["keys"])] = read(query, variant)["tau"]
+        start += len(result["keys"])
     arrays = {
         "query_id": np.array([q.qid for q in done]), "split": np.array([q.split for q in done]),
         "prompt": np.array([q.prompt for q in done]), "seed": np.array([q.seed for q in done], dtype=np.int64),
@@ -66,16 +83,28 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
         "offsets": np.cumsum([0] + [len(r["keys"]) for r in results]).astype(np.int64),
         **{name: np.concatenate([r[field] for r in results]) for name, field in
            (("key", "keys"), ("id", "ids"), ("tau", "tau"), ("rank", "rank"))},
+        "train_keys": plan.train_keys, "train_ids": plan.train_ids,
+        "variants": np.array(variants, dtype=str), "variant_tau": variant_tau,
     }
     with atomic_open(out, "wb") as f:
         np.savez(f, **arrays)
     splits = {split: [i for i, q in enumerate(done) if q.split == split] for split in ("train", "test")}
+    prompts = {split: {q.prompt for q in plan.queries if q.split == split} for split in ("train", "test")}
+    job_paths = {key: os.path.relpath(value, out.parent) if key in PATH_KEYS and value else value
+                 for key, value in to_dict(job).items()}
     manifest = {
         "schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": __version__, "file": out.name, "arrays": ARRAYS,
-        "job": to_dict(job), "plan": {k: plan.meta[k] for k in ("created", "tool_version")},
+        "job": job_paths, "plan": {k: plan.meta[k] for k in ("created", "tool_version")},
+        "prompt_split": {
+            "rule": "the distinct prompts of the job's prompts file are shuffled with the job seed; the first "
+                    "'test_queries' are the test prompts (one query each), train queries cycle through the "
+                    "others with a new generation seed each: no test prompt is a train prompt",
+            "distinct_prompts": {split: len(p) for split, p in prompts.items()},
+            "shared": len(prompts["train"] & prompts["test"])},
         "fingerprints": {"model": plan.meta["model"], "manifest": plan.meta["manifest"],
-                         "bundle": plan.meta["bundle"], "fisher": sha256_file(job.fisher_path)},
+                         "bundle": plan.meta["bundle"], "fisher": sha256_file(job.fisher_path),
+                         **{f"fisher@{v}": sha256_file(job.fisher_path_for(v)) for v in variants}},
         "counts": {"queries": len(done), "missing": len(missing), "candidates": int(arrays["offsets"][-1]),
                    "training_items": plan.meta["training_items"], **{split: len(ix) for split, ix in splits.items()}},
         "teacher_seconds": {split: {"total": round(float(arrays["seconds"][ix].sum()), 3),

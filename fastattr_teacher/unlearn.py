@@ -74,8 +74,9 @@ def _norm(tensors) -> float:
 
 @contextlib.contextmanager
 def unlearned(adapter: UNetAdapter, fisher: Preconditioner, image: Image.Image, prompt: str,
-              config: TeacherConfig) -> Iterator[None]:
-    """Inside the block the UNet holds theta_unlearned for the query (image, prompt)."""
+              config: TeacherConfig) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block the UNet holds theta_unlearned for the query (image, prompt); the block
+    receives the total update theta_unlearned - theta0 (float64, before rounding to the weights)."""
     if adapter.weights_modified:
         raise FastattrError("unlearned() blocks cannot be nested: the weights are already unlearned")
     params = select_parameters(adapter.unet, config.params)
@@ -83,12 +84,14 @@ def unlearned(adapter: UNetAdapter, fisher: Preconditioner, image: Image.Image, 
     adapter.weights_modified = True
     try:
         with restored(params):
+            total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
             for step in range(config.newton_steps):
                 grads = query_gradient(adapter, latents, text, config, step)
                 update = newton_update(fisher, grads, config.alpha, config.damping)
                 add_update(params, update)
+                total = {name: total[name] + update[name] for name in total}
                 log.info("Newton step %d: |update| / |theta| = %.3g (small keeps the step linear)", step,
                          _norm(update.values()) / _norm(p.detach() for p in params.values()))
-            yield
+            yield total
     finally:
         adapter.weights_modified = False

@@ -1,0 +1,303 @@
+"""``fastattr distill train``: the head of method.md section 4, learned from the teacher's rankings.
+
+Pointwise learning to rank: for a query and its M teacher-ranked candidates, the candidate at rank
+j gets the label y = j / M (0 = most influential); the prediction is z = scale * cos(f(q), f(x)) +
+bias and the loss is binary cross-entropy with logits. With probability ``outlier_rate`` a pair's
+item is replaced by a random training item outside the query's candidates (rejection sampling
+over int64 pair codes, never a dense queries x items array), labelled 1. Backbone features come
+from the feature cache; batches are index arrays into them (no per-pair Python).
+
+Deterministic for a seed (epoch e draws from (seed, e)), resumable per epoch (a checkpoint holds
+the head, the optimizer and the best head so far), and data-parallel under ``accelerate launch``:
+every process builds the same global batch and takes its share, DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastattr_hook._io import atomic_open, atomic_write_text
+from fastattr_hook.config import load_yaml, save_yaml, to_dict
+from fastattr_hook.encoder import Encoder, EncoderSpec
+from fastattr_hook.errors import FastattrError
+from fastattr_hook.head import AttributionHead, save_head
+
+from .data import DistillDataset, load_dataset
+from .features import cached_features
+from .metrics import spearman
+
+log = logging.getLogger(__name__)
+PATH_KEYS = ("dataset", "encoder", "out", "cache")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int = 768
+    out: int = 768
+    depth: int = 3
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One training run; relative paths are relative to the YAML file."""
+
+    dataset: str  # distill.npz made by `fastattr teacher merge`
+    encoder: str  # encoder spec whose backbones the head sits on (its own head, if any, is ignored)
+    out: str  # folder for head.safetensors, encoder.yaml, train.json and the checkpoint
+    name: str = "tuned"  # the tuned encoder's name (recorded in bundles and credits)
+    cache: str | None = None  # feature cache folder (default: <out>/cache)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    epochs: int = 10
+    batch_size: int = 4096  # pairs per optimizer step, over all processes
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    outlier_rate: float = 0.1
+    val_fraction: float = 0.1  # train queries held out to pick the best epoch
+    seed: int = 0
+    device: str | None = None  # default: accelerate's device for the process, else cuda when available
+
+
+def load_config(path: str | Path) -> DistillConfig:
+    path = Path(path)
+    config = load_yaml(DistillConfig, path)
+    base = path.parent.resolve()
+    config = dataclasses.replace(config, **{k: str((base / getattr(config, k)).resolve())
+                                            for k in PATH_KEYS if getattr(config, k) is not None})
+    checks = [(config.epochs >= 1, "epochs", ">= 1"), (config.batch_size >= 1, "batch_size", ">= 1"),
+              (0 <= config.outlier_rate < 1, "outlier_rate", "in [0, 1)"),
+              (0 <= config.val_fraction < 1, "val_fraction", "in [0, 1)"), (len(config.betas) == 2, "betas", "two numbers")]
+    for ok, key, rule in checks:
+        if not ok:
+            raise FastattrError(f"{path}: key '{key}' must be {rule}")
+    return config
+
+
+def item_features(encoder: Encoder, data: DistillDataset, cache: str | Path | None) -> np.ndarray:
+    """[N, D] backbone features of the dataset's training table (image + its first caption)."""
+    from index_tools.manifest import Rejection, iter_manifest
+
+    by_id = {row.id: row for row in iter_manifest(data.manifest) if not isinstance(row, Rejection)}
+    missing = [i for i in data.train_ids if i not in by_id]
+    if missing:
+        raise FastattrError(f"{data.manifest}: {len(missing)} items of {data.path} are missing (e.g. '{missing[0]}'); "
+                            f"use the manifest the teacher scored")
+    rows = [by_id[i] for i in data.train_ids]
+    return cached_features(encoder, [row.load_image for row in rows], [row.caption for row in rows],
+                           [row.sha256 or row.id for row in rows], cache, desc="training-item features")
+
+
+def query_features(encoder: Encoder, data: DistillDataset, cache: str | Path | None) -> np.ndarray:
+    """[Q, D] backbone features of the dataset's queries (generated image + prompt)."""
+    from PIL import Image
+
+    from fastattr_hook._io import sha256_file
+
+    def loader(path: str):
+        def load():
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        return load
+
+    for path in data.image:
+        if not Path(path).is_file():
+            raise FastattrError(f"{path}: query image missing; restore it with `fastattr teacher curate`")
+    return cached_features(encoder, [loader(p) for p in data.image], [str(p) for p in data.prompt],
+                           [sha256_file(p) for p in data.image], cache, desc="query features")
+
+
+@dataclass
+class Pairs:
+    """Flat (query row, item row, label) arrays of the teacher's candidates."""
+
+    query: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+
+    @classmethod
+    def of(cls, data: DistillDataset, queries: np.ndarray) -> "Pairs":
+        parts = [(np.full(data.offsets[q + 1] - data.offsets[q], q),
+                  data.item_rows(data.key[data.candidates(q)]),
+                  data.rank[data.candidates(q)] / max(1, data.offsets[q + 1] - data.offsets[q]))
+                 for q in queries]
+        return cls(*(np.concatenate(p) if parts else np.zeros(0) for p in zip(*parts)))
+
+
+def with_outliers(pairs: Pairs, rate: float, num_items: int, rng: np.random.Generator) -> Pairs:
+    """Replace a ``rate`` share of the pairs' items by random items outside their query's
+    candidates (label 1): rejection sampling against sorted int64 codes query * N + item."""
+    codes = np.sort(pairs.query.astype(np.int64) * num_items + pairs.item)
+    chosen = np.flatnonzero(rng.random(len(pairs.label)) < rate)
+    items = pairs.item.copy()
+    todo = chosen
+    for _ in range(100):
+        if not len(todo):
+            break
+        items[todo] = rng.integers(0, num_items, len(todo))
+        pair = pairs.query[todo].astype(np.int64) * num_items + items[todo]
+        at = np.minimum(np.searchsorted(codes, pair), len(codes) - 1)
+        todo = todo[codes[at] == pair]
+    else:  # a query whose candidates cover (almost) every item keeps its own pair
+        items[todo] = pairs.item[todo]
+        chosen = np.setdiff1d(chosen, todo)
+    labels = pairs.label.astype(np.float32)
+    labels[chosen] = 1.0
+    return Pairs(pairs.query, items, labels)
+
+
+def split_queries(data: DistillDataset, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    train = data.queries("train")
+    if not len(train):
+        raise FastattrError(f"{data.path}: no train query (split 'train'); score train queries and merge again")
+    order = np.random.default_rng([seed, 7]).permutation(train)
+    val = np.sort(order[:int(round(len(train) * val_fraction))])
+    return np.sort(order[len(val):]), val
+
+
+def pair_logits(head, features_q: torch.Tensor, features_i: torch.Tensor) -> torch.Tensor:
+    module = getattr(head, "module", head)  # DDP wraps the head
+    cosine = F.cosine_similarity(head(features_q), head(features_i), dim=-1)
+    return module.calibrated(cosine)
+
+
+@torch.no_grad()
+def validation_spearman(head: AttributionHead, data: DistillDataset, queries: np.ndarray, fq: torch.Tensor,
+                        fi: torch.Tensor) -> float:
+    """Mean Spearman over held-out train queries between -z (low z = influential) and the teacher."""
+    if not len(queries):
+        return float("nan")
+    head.eval()
+    values = []
+    for q in queries:
+        rows = torch.from_numpy(data.item_rows(data.key[data.candidates(q)]))
+        z = pair_logits(head, fq[q].expand(len(rows), -1), fi[rows])
+        values.append(spearman(-z.cpu().numpy(), data.tau[data.candidates(q)]))
+    return float(np.mean(values))
+
+
+def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Path:
+    """Train (or resume) the head; returns the tuned encoder spec's path (on every process)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    device = torch.device(config.device) if config.device and accelerator.num_processes == 1 else accelerator.device
+    out = Path(config.out)
+    spec_path = Path(config.encoder)
+    base = Encoder.from_yaml(spec_path, device=device)
+    data = load_dataset(config.dataset)
+    cache = config.cache or out / "cache"
+    if accelerator.is_main_process:  # one process fills the cache, the others then read it
+        item_features(base, data, cache), query_features(base, data, cache)
+    accelerator.wait_for_everyone()
+    fi = torch.from_numpy(np.array(item_features(base, data, cache))).to(device)
+    fq = torch.from_numpy(np.array(query_features(base, data, cache))).to(device)
+    train_q, val_q = split_queries(data, config.val_fraction, config.seed)
+    pairs = Pairs.of(data, train_q)
+
+    torch.manual_seed(config.seed)
+    head = AttributionHead(base.feature_dim, config.head.hidden, config.head.out, config.head.depth,
+                           config.head.dropout).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                  weight_decay=config.weight_decay)
+    checkpoint_path = out / "checkpoint.pt"
+    state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": []}
+    best_head = {k: v.clone() for k, v in head.state_dict().items()}
+    settings = _settings(config, data)
+    if checkpoint_path.is_file():
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)  # never unpickles objects
+        if saved["settings"] != json.dumps(settings, sort_keys=True):
+            raise FastattrError(f"{checkpoint_path}: made with other settings or data; delete it to start over "
+                                f"or use another 'out' in {config_path}")
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        best_head = saved["best_head"]
+        state = json.loads(saved["state"])
+        log.info("%s: resuming after epoch %d", checkpoint_path, state["epoch"])
+    head, optimizer = accelerator.prepare(head, optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for epoch in range(state["epoch"], config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)  # dropout
+        epoch_pairs = with_outliers(pairs, config.outlier_rate, len(data.train_keys), rng)
+        order = rng.permutation(len(epoch_pairs.label))
+        head.train()
+        total, seen, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{config.epochs}", unit="pair", unit_scale=True,
+                   disable=not accelerator.is_main_process)
+        for begin in range(0, len(order), config.batch_size):
+            batch = torch.from_numpy(order[begin:begin + config.batch_size][rank::world])
+            q, i = torch.from_numpy(epoch_pairs.query)[batch], torch.from_numpy(epoch_pairs.item)[batch]
+            y = torch.from_numpy(epoch_pairs.label)[batch].to(device)
+            loss = F.binary_cross_entropy_with_logits(pair_logits(head, fq[q.to(device)], fi[i.to(device)]), y)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            total += float(loss) * len(batch)
+            seen += len(batch)
+            bar.update(min(config.batch_size, len(order) - begin))
+            bar.set_postfix(loss=f"{total / seen:.4f}", pairs_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+        bar.close()
+        module = accelerator.unwrap_model(head)
+        val = validation_spearman(module, data, val_q, fq, fi)
+        state["history"].append({"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6),
+                                 "val_spearman": round(val, 6), "seconds": round(time.perf_counter() - start, 2)})
+        if val > state["best"] or not len(val_q):
+            state["best"], state["best_epoch"] = val, epoch + 1
+            best_head = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state["epoch"] = epoch + 1
+        log.info("epoch %d: train loss %.4f, validation Spearman %.4f", epoch + 1, total / max(seen, 1), val)
+        if accelerator.is_main_process:
+            with atomic_open(checkpoint_path, "wb") as f:
+                torch.save({"head": {k: v.cpu() for k, v in module.state_dict().items()},
+                            "optimizer": optimizer.state_dict(), "best_head": best_head,
+                            "state": json.dumps(state), "settings": json.dumps(settings, sort_keys=True)}, f)
+        accelerator.wait_for_everyone()
+    tuned = out / "encoder.yaml"
+    if accelerator.is_main_process:
+        final = AttributionHead(base.feature_dim, config.head.hidden, config.head.out, config.head.depth)
+        final.load_state_dict(best_head)
+        save_head(final, out / "head.safetensors")
+        save_yaml(_tuned_spec(base.spec, spec_path.parent, out, config.name), tuned)
+        atomic_write_text(out / "train.json", json.dumps({
+            "settings": settings, "best_epoch": state["best_epoch"], "best_val_spearman": state["best"],
+            "history": state["history"], "train_queries": len(train_q), "val_queries": len(val_q),
+            "pairs_per_epoch": len(pairs.label), "backbones": base.backbone_fingerprint}, indent=1))
+    accelerator.wait_for_everyone()
+    return tuned
+
+
+def _settings(config: DistillConfig, data: DistillDataset) -> dict:
+    """What the trained head depends on (paths excluded): a checkpoint with others is not resumed."""
+    values = {k: v for k, v in to_dict(config).items() if k not in (*PATH_KEYS, "device", "name")}
+    return {**values, "dataset": data.fingerprint}
+
+
+def _tuned_spec(spec: EncoderSpec, spec_dir: Path, out: Path, name: str) -> dict:
+    """The backbones of ``spec`` (local paths rewritten relative to ``out``) plus the new head."""
+    import os
+
+    def moved(value: str | None) -> str | None:
+        if value is None:
+            return None
+        prefix = "local-dir:" if value.startswith("local-dir:") else ""
+        path = Path(value.removeprefix(prefix)).expanduser()
+        if not prefix and not (spec_dir / path).exists() and not path.is_absolute():
+            return value  # a name (e.g. an open_clip model or tag), not a file
+        absolute = path if path.is_absolute() else (spec_dir / path).resolve()
+        return prefix + os.path.relpath(absolute, out.resolve())
+
+    backbones = []
+    for b in to_dict(spec)["backbones"]:
+        backbones.append({**b, **{k: moved(b[k]) for k in ("model", "weights", "tokenizer")}})
+    return {"name": name, "backbones": backbones, "head": "head.safetensors", "batch_size": spec.batch_size}
