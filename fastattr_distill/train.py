@@ -33,7 +33,7 @@ from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, save_head
 
 from .data import DistillDataset, load_dataset
-from .features import cached_features
+from index_tools.features import cached_features
 from .metrics import spearman
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,12 @@ def load_config(path: str | Path) -> DistillConfig:
 
 def item_features(encoder: Encoder, data: DistillDataset, cache: str | Path | None) -> np.ndarray:
     """[N, D] backbone features of the dataset's training table (image + its first caption)."""
-    from index_tools.manifest import Rejection, iter_manifest
+    from index_tools.manifest import Rejection, iter_manifest, manifest_fingerprint
 
+    recorded = data.meta.get("fingerprints", {}).get("manifest")
+    if recorded and manifest_fingerprint(data.manifest) != recorded:
+        raise FastattrError(f"{data.manifest}: changed since the teacher scored {data.path} (manifest fingerprint); "
+                            f"curate and score the dataset again for this manifest")
     by_id = {row.id: row for row in iter_manifest(data.manifest) if not isinstance(row, Rejection)}
     missing = [i for i in data.train_ids if i not in by_id]
     if missing:
@@ -165,10 +169,28 @@ def split_queries(data: DistillDataset, val_fraction: float, seed: int) -> tuple
     return np.sort(order[len(val):]), val
 
 
-def pair_logits(head, features_q: torch.Tensor, features_i: torch.Tensor) -> torch.Tensor:
-    module = getattr(head, "module", head)  # DDP wraps the head
-    cosine = F.cosine_similarity(head(features_q), head(features_i), dim=-1)
-    return module.calibrated(cosine)
+class PairScorer(torch.nn.Module):
+    """The calibrated logits z = scale * cos(f(q), f(x)) + bias of pairs, embedding each distinct
+    query and item of a batch once (one forward, as DDP wants)."""
+
+    def __init__(self, head: AttributionHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, queries: torch.Tensor, items: torch.Tensor, query_of_pair: torch.Tensor,
+                item_of_pair: torch.Tensor) -> torch.Tensor:
+        vectors = self.head(torch.cat([queries, items]))
+        cosine = F.cosine_similarity(vectors[:len(queries)][query_of_pair], vectors[len(queries):][item_of_pair], dim=-1)
+        return self.head.calibrated(cosine)
+
+
+def batch_logits(scorer, fq: torch.Tensor, fi: torch.Tensor, query: np.ndarray, item: np.ndarray) -> torch.Tensor:
+    """Logits of (query row, item row) pairs from the feature tables."""
+    uq, qi = np.unique(query, return_inverse=True)
+    ui, ii = np.unique(item, return_inverse=True)
+    device = fq.device
+    return scorer(fq[torch.from_numpy(uq).to(device)], fi[torch.from_numpy(ui).to(device)],
+                  torch.from_numpy(qi).to(device), torch.from_numpy(ii).to(device))
 
 
 @torch.no_grad()
@@ -180,8 +202,8 @@ def validation_spearman(head: AttributionHead, data: DistillDataset, queries: np
     head.eval()
     values = []
     for q in queries:
-        rows = torch.from_numpy(data.item_rows(data.key[data.candidates(q)]))
-        z = pair_logits(head, fq[q].expand(len(rows), -1), fi[rows])
+        rows = data.item_rows(data.key[data.candidates(q)])
+        z = batch_logits(PairScorer(head), fq, fi, np.full(len(rows), q), rows)
         values.append(spearman(-z.cpu().numpy(), data.tau[data.candidates(q)]))
     return float(np.mean(values))
 
@@ -224,31 +246,32 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
         best_head = saved["best_head"]
         state = json.loads(saved["state"])
         log.info("%s: resuming after epoch %d", checkpoint_path, state["epoch"])
-    head, optimizer = accelerator.prepare(head, optimizer)
+    scorer, optimizer = accelerator.prepare(PairScorer(head), optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     for epoch in range(state["epoch"], config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)  # dropout
         epoch_pairs = with_outliers(pairs, config.outlier_rate, len(data.train_keys), rng)
         order = rng.permutation(len(epoch_pairs.label))
-        head.train()
+        scorer.train()
         total, seen, start = 0.0, 0, time.perf_counter()
         bar = tqdm(total=len(order), desc=f"epoch {epoch + 1}/{config.epochs}", unit="pair", unit_scale=True,
                    disable=not accelerator.is_main_process)
         for begin in range(0, len(order), config.batch_size):
-            batch = torch.from_numpy(order[begin:begin + config.batch_size][rank::world])
-            q, i = torch.from_numpy(epoch_pairs.query)[batch], torch.from_numpy(epoch_pairs.item)[batch]
-            y = torch.from_numpy(epoch_pairs.label)[batch].to(device)
-            loss = F.binary_cross_entropy_with_logits(pair_logits(head, fq[q.to(device)], fi[i.to(device)]), y)
+            batch = order[begin:begin + config.batch_size]
+            mine = batch[rank::world]  # DDP averages over processes: sum / global size x world = the batch mean
+            y = torch.from_numpy(epoch_pairs.label[mine]).to(device)
+            z = batch_logits(scorer, fq, fi, epoch_pairs.query[mine], epoch_pairs.item[mine])
+            loss = F.binary_cross_entropy_with_logits(z, y, reduction="sum") * world / len(batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            total += float(loss) * len(batch)
-            seen += len(batch)
+            total += float(loss) * len(batch) / world
+            seen += len(mine)
             bar.update(min(config.batch_size, len(order) - begin))
             bar.set_postfix(loss=f"{total / seen:.4f}", pairs_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
         bar.close()
-        module = accelerator.unwrap_model(head)
+        module = accelerator.unwrap_model(scorer).head
         val = validation_spearman(module, data, val_q, fq, fi)
         state["history"].append({"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6),
                                  "val_spearman": round(val, 6), "seconds": round(time.perf_counter() - start, 2)})
@@ -272,7 +295,8 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
         atomic_write_text(out / "train.json", json.dumps({
             "settings": settings, "best_epoch": state["best_epoch"], "best_val_spearman": state["best"],
             "history": state["history"], "train_queries": len(train_q), "val_queries": len(val_q),
-            "pairs_per_epoch": len(pairs.label), "backbones": base.backbone_fingerprint}, indent=1))
+            "pairs_per_epoch": len(pairs.label), "backbones": base.backbone_fingerprint,
+            "manifest": data.meta.get("fingerprints", {}).get("manifest")}, indent=1))
     accelerator.wait_for_everyone()
     return tuned
 

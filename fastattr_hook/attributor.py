@@ -104,7 +104,8 @@ class Attributor:
                                       source_url=item.source_url))
             results.append(Attribution(
                 prompt=prompt, credits=credits, encoder={"name": self.encoder.spec.name,
-                                                         "fingerprint": self.encoder.fingerprint},
+                                                         "fingerprint": self.encoder.fingerprint,
+                                                         "tuned": self.encoder.head is not None},
                 bundle={"name": self.manifest.name, "fingerprint": self.manifest.fingerprint,
                         "items": self.manifest.items},
                 share_rule={"name": rule.name, "temperature": rule.temperature},

@@ -32,7 +32,7 @@ class EncoderInfo:
 
 @dataclass
 class ManifestInfo:
-    path: str
+    path: str  # relative to the bundle folder
     fingerprint: str
     accepted: int
     rejected: int

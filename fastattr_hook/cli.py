@@ -52,6 +52,16 @@ def _sandbox_prompts(args) -> int:
     return 0
 
 
+def _sandbox_set_encoder(args) -> int:
+    from fastattr_sandbox import build
+
+    state = build.set_encoder(args.sandbox or build.sandbox_dir(), args.encoder)
+    index = state["figures"]["index"]
+    print(f"bundle rebuilt with encoder '{index['encoder']}' ({'tuned' if index['tuned'] else 'untuned'}); "
+          f"checksums recorded in sandbox.yaml")
+    return 0
+
+
 def _sandbox_verify(args) -> int:
     from fastattr_sandbox import build
 
@@ -77,7 +87,8 @@ def _build_options(args):
     from index_tools.build import BuildOptions
 
     return BuildOptions(backend=getattr(args, "backend", None), backend_params=_backend_params(getattr(args, "backend_param", [])),
-                        chunk_size=args.chunk_size, num_workers=args.workers, device=args.device)
+                        chunk_size=args.chunk_size, num_workers=args.workers, device=args.device,
+                        feature_cache=args.feature_cache)
 
 
 def _index_build(args) -> int:
@@ -216,6 +227,40 @@ def _teacher(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    import logging
+    import shlex
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("fastattr_distill").setLevel(logging.INFO)
+    if args.distill_command == "train":
+        from fastattr_distill.train import load_config, train
+
+        with logging_redirect_tqdm():
+            spec = train(load_config(args.config), args.config)
+        print(f"{spec}: tuned encoder spec (head, training history: {spec.parent})")
+        return 0
+    from fastattr_distill.data import load_dataset
+    from fastattr_distill.evaluate import evaluate, method_scores, motif_check, write_report
+    from fastattr_hook.encoder import Encoder
+
+    print("loading the dataset and the encoders ...", file=sys.stderr)
+    data = load_dataset(args.dataset)
+    tuned, baseline = Encoder.from_yaml(args.encoder, args.device), Encoder.from_yaml(args.baseline, args.device)
+    cache = args.cache or Path(args.encoder).parent / "cache"
+    report = evaluate(data, method_scores(data, tuned, baseline, cache))
+    if not args.no_motifs:
+        report["motifs"] = motif_check({f"tuned ({tuned.spec.name})": tuned, "untuned concatenation": baseline},
+                                       args.sandbox, data, cache)
+    command = "fastattr distill eval " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    for path in write_report(report, args.out, command):
+        print(path)
+    print(Path(args.out).with_suffix(".md").read_text(encoding="utf-8"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastattr", description=__doc__.split("\n")[0].replace("The ``fastattr``", "fastattr:"))
     parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
@@ -245,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new grammar prompts")
     p.set_defaults(func=_sandbox_prompts)
+    p = sandbox.add_parser("set-encoder", help="rebuild the sandbox's bundle with another encoder (e.g. the "
+                           "distilled one in SANDBOX/tuned/) and record it")
+    p.add_argument("--encoder", required=True, help="encoder spec inside the sandbox folder")
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.set_defaults(func=_sandbox_set_encoder)
     p = sandbox.add_parser("verify", help="check a sandbox's files against its checksums")
     p.add_argument("sandbox", nargs="?")
     p.set_defaults(func=_sandbox_verify)
@@ -257,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--chunk-size", type=int, default=1024, help="rows per checkpointed chunk")
         p.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--feature-cache", help="folder of stored backbone features (shared with `fastattr distill`): "
+                       "rows whose features are there skip the backbones")
 
     p = index.add_parser("build", help="embed a training manifest into a new bundle")
     p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet manifest, or webdataset .tar shard(s)")
@@ -327,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "merge":
             p.add_argument("--out", help="dataset file (default: OUT/distill.npz, its manifest beside it as .yaml)")
             p.add_argument("--allow-partial", action="store_true", help="merge even while some queries are unscored")
+
+    distill = commands.add_parser("distill", help="train the attribution head from the teacher and measure it "
+                                  "against the teacher").add_subparsers(dest="distill_command", metavar="ACTION",
+                                                                        required=True)
+    p = distill.add_parser("train", help="train the head (resumable per epoch; runs under accelerate launch)")
+    p.add_argument("--config", required=True, help="distillation YAML (see README: The distilled encoder)")
+    p.set_defaults(func=_distill)
+    p = distill.add_parser("eval", help="mAP / Spearman / recall against the teacher on the test queries, for "
+                           "random, untuned and tuned encoders and the teacher's variants")
+    p.add_argument("--dataset", required=True, help="distill.npz (or its folder) made by `fastattr teacher merge`")
+    p.add_argument("--encoder", required=True, help="the tuned encoder spec (made by `fastattr distill train`)")
+    p.add_argument("--baseline", required=True, help="the untuned encoder spec with the same backbones")
+    p.add_argument("--out", required=True, help="report path without suffix: writes OUT.json, OUT.md, OUT.png")
+    p.add_argument("--cache", help="feature cache folder (default: the tuned encoder's folder/cache)")
+    p.add_argument("--sandbox", help="sandbox for the rare-motif check (default: the shipped one)")
+    p.add_argument("--no-motifs", action="store_true", help="skip the rare-motif check (needs a sandbox model)")
+    p.add_argument("--device", help="torch device for the encoders (default: cuda when available)")
+    p.set_defaults(func=_distill)
 
     p = commands.add_parser("inspect", help="show the credit metadata carried by images")
     p.add_argument("images", nargs="+")

@@ -9,6 +9,8 @@ Layout of a sandbox directory::
     eval/               generation-quality figures (eval.json) and contact_sheet.png
     encoder.yaml        the untuned baseline encoder: tiny CLIP image + text towers
     bundle/             an index bundle of the training set built with that encoder (index_tools)
+    tuned/              optional: a distilled encoder (``fastattr distill train`` with ``out`` here);
+                        ``set_encoder`` rebuilds ``bundle/`` with it and records it in sandbox.yaml
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def _write_state(root: Path, state: dict) -> None:
     atomic_write_text(root / "sandbox.yaml", yaml.safe_dump(state, sort_keys=False))
 
 
-def _checksums(root: Path) -> dict[str, str]:
+def _checksums(root: Path, extra: tuple[str, ...] = ()) -> dict[str, str]:
     files = {}
-    for entry in _CHECKSUMMED:
+    for entry in (*_CHECKSUMMED, *extra):
         path = root / entry
         paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for p in paths:
@@ -149,10 +151,53 @@ def build(out: str | Path, scale: str = "default", seed: int = 0, force: bool = 
         done("index", {"items": bundle.items, "rejected": bundle.manifest.rejected,
                        "share_temperature": bundle.share_rule.temperature})
 
-    state["files"] = _checksums(root)
+    state["files"] = _checksums(root, _encoder_files(root, state))
     state["tool_version"] = __version__
     _write_state(root, state)
     shutil.rmtree(work, ignore_errors=True)
+    return state
+
+
+def _encoder_files(root: Path, state: dict) -> tuple[str, ...]:
+    """The files of the encoder the bundle was built with, when it is not the untuned one."""
+    spec = state.get("encoder")
+    if not spec:
+        return ()
+    head = yaml.safe_load((root / spec).read_text(encoding="utf-8")).get("head")
+    folder = Path(spec).parent
+    return tuple(p for p in (spec, (folder / head).as_posix() if head else None, (folder / "train.json").as_posix())
+                 if p and (root / p).is_file())
+
+
+def set_encoder(root: str | Path, spec: str | Path) -> dict:
+    """Serve the sandbox with another encoder (the distilled one): rebuild ``bundle/`` with it
+    (atomically: the old bundle stays until the new one is complete) and record it, with the
+    checksums of its files, in sandbox.yaml. ``encoder.yaml`` stays, the untuned baseline."""
+    from index_tools.build import BuildOptions, build_bundle
+
+    root = sandbox_dir(root)
+    spec = Path(spec).resolve()
+    try:
+        rel = spec.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise FastattrError(f"{spec}: not inside the sandbox {root}; train with `out:` a folder of the sandbox "
+                            f"(e.g. {root / 'tuned'}) so the sandbox stays self-contained") from None
+    state = read_state(root)
+    fresh = root / "bundle.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    bundle = build_bundle(root / "data" / "manifest.jsonl", spec, fresh,
+                          BuildOptions(backend="exact", thumbnail_size=32), resume=True,
+                          name=f"sandbox-{state['scale']}")
+    old = root / "bundle.old"
+    shutil.rmtree(old, ignore_errors=True)
+    (root / "bundle").rename(old)
+    fresh.rename(root / "bundle")
+    shutil.rmtree(old)
+    state["encoder"] = None if rel == "encoder.yaml" else rel
+    state["figures"]["index"] = {**state["figures"]["index"], "encoder": bundle.encoder.name,
+                                 "tuned": bundle.encoder.tuned, "share_temperature": bundle.share_rule.temperature}
+    state["files"] = _checksums(root, _encoder_files(root, state))
+    _write_state(root, state)
     return state
 
 

@@ -47,6 +47,7 @@ class BuildOptions:
     thumbnail_size: int = 64  # 0 = store no thumbnails
     device: str | None = None
     progress: bool = True
+    feature_cache: str | None = None  # a FeatureStore folder: backbone features computed once (see features.py)
 
 
 class _ChunkDataset(torch.utils.data.Dataset):
@@ -150,7 +151,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
             encoder=EncoderInfo(**{k: v for k, v in encoder.describe().items()}),
             backend=backend, backend_params=dict(index.params), metric="cos", dim=encoder.dim,
             dtype=index.storage, items=len(vectors),
-            manifest=ManifestInfo(path=str(manifest_path.resolve()), fingerprint=state["manifest_fingerprint"],
+            manifest=ManifestInfo(path=os.path.relpath(manifest_path.resolve(), out), fingerprint=state["manifest_fingerprint"],
                                   accepted=len(vectors), rejected=len(rejects)),
             share_rule=ShareRule("softmax", temperature, note))
         manifest.files = bundle_files(tmp)
@@ -259,14 +260,27 @@ def _embed_chunk(chunk_index: int, rows: list[tuple[int, ManifestRow]], encoder:
                                          collate_fn=_collate)
     by_seq = dict(rows)
     records, vectors = [], []
+    store = None
+    if options.feature_cache:
+        from .features import FeatureStore, pair_key
+
+        store = FeatureStore(options.feature_cache, encoder)
     for batch in loader:
         good = [(seq, inputs, thumb) for seq, inputs, thumb in batch if inputs is not None]
         for seq, inputs, info in batch:
             if inputs is None:
                 row = by_seq[seq]
                 records.append({"seq": seq, "reject": {"row": row.row, "source": row.source, "id": row.id, **info}})
-        if good:
+        if good and store is None:
             vectors.append(encoder.embed_prepared([torch.stack(x) for x in zip(*(g[1] for g in good))]))
+        elif good:  # backbone features from the store, computed and stored where missing
+            keys = [pair_key(by_seq[seq].sha256 or by_seq[seq].id, by_seq[seq].caption) for seq, _, _ in good]
+            missing = [n for n, key in enumerate(keys) if key not in store]
+            if missing:
+                inputs = [torch.stack(x) for x in zip(*(good[n][1] for n in missing))]
+                store.put([keys[n] for n in missing], encoder.features_prepared(inputs).cpu().numpy())
+            vectors.append(encoder.embed_features(store.get(keys)))
+        if good:
             for seq, _, thumb in good:
                 row = by_seq[seq]
                 records.append({"seq": seq, "id": row.id, "caption": row.caption, "creator": row.creator,

@@ -12,11 +12,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def micro_sandbox(tmp_path_factory) -> Path:
+def micro_sandbox(tmp_path_factory, request) -> Path:
     from fastattr_sandbox import build
 
     # FASTATTR_TEST_SANDBOX reuses a micro sandbox across runs (building one is a no-op when complete).
     root = Path(os.environ.get("FASTATTR_TEST_SANDBOX") or tmp_path_factory.mktemp("sandbox") / "micro")
+    if not build.read_state(root).get("files"):
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:  # say why the first tests pause: the fixture trains small models
+            reporter.write_line(f"\nbuilding the micro sandbox in {root} (a few minutes on 2 cores; "
+                                f"FASTATTR_TEST_SANDBOX=DIR keeps one between runs)")
     build.build(root, scale="micro")
     return root
 

@@ -1,0 +1,159 @@
+"""``fastattr distill eval``: how well each ranking agrees with the teacher on the test queries.
+
+For every test query the teacher ranked the whole training set. Each method ranks it too:
+random, each untuned backbone alone, the untuned concatenation (what fastattr served before a
+head was distilled), the tuned encoder, and the dataset's teacher variants (another teacher seed:
+the ceiling any student can reach; AbU+ against AbU). Reported per method: mAP(L) with standard
+errors for L = 0.42%, 0.85% and 3.4% of N (method.md section 6), Spearman and recall@L.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fastattr_hook._io import atomic_path, atomic_write_text
+from fastattr_hook.encoder import Encoder
+from fastattr_hook.errors import FastattrError
+
+from .data import DistillDataset, load_dataset
+from .metrics import average_precision, mean_and_stderr, ranking, recall_at, spearman
+from .train import item_features, query_features
+
+FRACTIONS = (0.0042, 0.0085, 0.034)
+MOTIF_PROMPT = "a large red circle in the center on a plain white background with a {motif}"  # teacher_checks.py
+MOTIF_TOP = 30
+
+
+def method_scores(data: DistillDataset, tuned: Encoder, baseline: Encoder, cache: str | Path | None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """{method: [test queries, N] scores, higher = more influential}."""
+    if tuned.backbone_fingerprint != baseline.backbone_fingerprint:
+        raise FastattrError(f"the tuned encoder '{tuned.spec.name}' and the baseline '{baseline.spec.name}' use "
+                            f"different backbones; compare encoders that share them")
+    trained = Path(tuned.base_dir) / "train.json"
+    if trained.is_file():
+        manifest = json.loads(trained.read_text()).get("manifest")
+        if manifest and manifest != data.meta.get("fingerprints", {}).get("manifest"):
+            raise FastattrError(f"{trained}: this head was distilled for another training manifest than "
+                                f"{data.path}'s; evaluate it on a dataset of its own model")
+    test = data.queries("test")
+    if not len(test):
+        raise FastattrError(f"{data.path}: no test query; the evaluation needs test queries scored against the "
+                            f"whole training set")
+    fi, fq = np.asarray(item_features(baseline, data, cache)), np.asarray(query_features(baseline, data, cache))[test]
+    methods = {"random": np.random.default_rng(seed).random((len(test), len(fi)))}
+    start = 0
+    for b in baseline.backbones:
+        part = slice(start, start + b.dim)
+        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+        methods[f"untuned {b.spec.kind}"] = unit(fq[:, part]) @ unit(fi[:, part]).T
+        start += b.dim
+    methods["untuned concatenation"] = baseline.embed_features(fq, "query") @ baseline.embed_features(fi).T
+    methods[f"tuned ({tuned.spec.name})"] = tuned.embed_features(fq, "query") @ tuned.embed_features(fi).T
+    for v, name in enumerate(data.variants):
+        methods[f"teacher variant '{name}'"] = np.stack([_full(data, q, data.variant_tau[v]) for q in test])
+    return methods
+
+
+def _full(data: DistillDataset, q: int, tau: np.ndarray) -> np.ndarray:
+    """A test query's scores in training-table order."""
+    out = np.full(len(data.train_keys), -np.inf)
+    out[data.item_rows(data.key[data.candidates(q)])] = tau[data.candidates(q)]
+    return out
+
+
+def evaluate(data: DistillDataset, methods: dict[str, np.ndarray]) -> dict:
+    """Metrics of every method against the teacher's ranking of each test query."""
+    teacher = np.stack([_full(data, q, data.tau) for q in data.queries("test")])
+    n = teacher.shape[1]
+    counts = {f"{100 * f:.2f}%": max(1, round(f * n)) for f in FRACTIONS}
+    report = {"dataset": str(data.path.name), "training_items": n, "test_queries": len(teacher),
+              "L": counts, "methods": {}}
+    for name, scores in methods.items():
+        row = {}
+        for label, count in counts.items():
+            row[f"mAP@{label}"] = mean_and_stderr([average_precision(t, s, count) for t, s in zip(teacher, scores)])
+            row[f"recall@{label}"] = mean_and_stderr([recall_at(t, s, count) for t, s in zip(teacher, scores)])
+        row["spearman"] = mean_and_stderr([spearman(t, s) for t, s in zip(teacher, scores)])
+        report["methods"][name] = {k: [round(v[0], 4), round(v[1], 4)] for k, v in row.items()}
+    return report
+
+
+def motif_check(encoders: dict[str, Encoder], sandbox: str | Path | None, data: DistillDataset,
+                cache: str | Path | None) -> dict:
+    """The teacher figures' rare-motif check for embeddings: for an image generated from a prompt
+    asking for a motif (seed 0), how many of that motif's training images are in the top 30."""
+    from fastattr_sandbox import build
+    from fastattr_sandbox.world import MOTIFS
+
+    root = build.sandbox_dir(sandbox)
+    motif_of = {}
+    for line in (root / "data" / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        motif_of[row["id"]] = (row.get("attributes") or {}).get("motif")
+    carriers = np.array([motif_of.get(str(i)) for i in data.train_ids])
+    prompts = [MOTIF_PROMPT.format(motif=m) for m in MOTIFS]
+    pipe = build.load_pipeline(root)
+    images = [build.generate([p], root=root, seed=0, pipe=pipe)[0] for p in prompts]
+    out = {"top": MOTIF_TOP, "carriers": int(sum(c is not None for c in carriers)), "methods": {}}
+    for name, encoder in encoders.items():
+        items = encoder.embed_features(np.asarray(item_features(encoder, data, cache)))
+        queries = encoder.embed(images, prompts, role="query")
+        found = [int(np.sum(carriers[ranking(items @ q)[:MOTIF_TOP]] == m)) for q, m in zip(queries, MOTIFS)]
+        out["methods"][name] = {"found": sum(found), "per_motif": dict(zip(MOTIFS, found))}
+    return out
+
+
+def write_report(report: dict, out: str | Path, command: str) -> list[Path]:
+    """``OUT.json``, ``OUT.md`` (table + the command) and ``OUT.png`` (mAP chart)."""
+    out = Path(out)
+    labels = list(report["L"])
+    lines = [f"# Distilled encoder vs the teacher ({report['dataset']})", "",
+             f"Command: `{command}`", "",
+             f"{report['test_queries']} test queries, each ranked by the teacher against all "
+             f"{report['training_items']} training items; the teacher's top L are the positives "
+             f"(L = {', '.join(f'{k} = {v}' for k, v in report['L'].items())}). Mean +- standard error.", "",
+             "| method | " + " | ".join(f"mAP({k})" for k in labels) + " | Spearman | " +
+             " | ".join(f"recall@{k}" for k in labels) + " |",
+             "|---" * (2 * len(labels) + 2) + "|"]
+    for name, row in report["methods"].items():
+        cells = [f"{row[f'mAP@{k}'][0]:.3f} +- {row[f'mAP@{k}'][1]:.3f}" for k in labels]
+        cells += [f"{row['spearman'][0]:.3f}"] + [f"{row[f'recall@{k}'][0]:.3f}" for k in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "motifs" in report:
+        m = report["motifs"]
+        lines += ["", f"Rare motifs: of the {m['carriers']} training images that carry one of the 4 motifs, how many "
+                  f"an image generated for a prompt asking for that motif puts in its top {m['top']}:", ""]
+        lines += [f"- {name}: {r['found']} of {m['carriers']} ({r['per_motif']})" for name, r in m["methods"].items()]
+    atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "command": command}, indent=1))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    _chart(report, out.with_suffix(".png"))
+    return [out.with_suffix(s) for s in (".json", ".md", ".png")]
+
+
+def _chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, names = list(report["L"]), list(report["methods"])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [report["methods"][name][f"mAP@{k}"][0] for k in labels]
+        errors = [report["methods"][name][f"mAP@{k}"][1] for k in labels]
+        ax.bar(np.arange(len(labels)) + i * width, means, width, yerr=errors, label=name, capsize=2)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(names) - 1) / 2)
+    ax.set_xticklabels([f"L = {k} of N ({report['L'][k]})" for k in labels])
+    ax.set_ylabel("mAP against the teacher")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{report['test_queries']} test queries, {report['training_items']} training items")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,286 @@
+"""The distilled encoder on the micro sandbox: a linear-teacher dataset with a variant, training
+(deterministic, resumable, outliers never from the query's candidates), the tuned spec that
+serves like any encoder, the evaluation report, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fastattr_distill.data import load_dataset
+from fastattr_distill.evaluate import evaluate, method_scores, write_report
+from fastattr_distill.metrics import average_precision, recall_at, spearman
+from fastattr_distill.train import Pairs, load_config, split_queries, train, with_outliers
+from fastattr_hook.encoder import Encoder
+from fastattr_hook.errors import FastattrError
+from fastattr_teacher.curate import curate, load_job, run_fisher, score_queue
+from fastattr_teacher.merge import merge
+
+JOB = {"train_queries": 8, "test_queries": 2, "candidates": 24, "scored": 24, "steps": 4,
+       "teacher": {"fisher_samples": 32, "query_pairs": 16, "timesteps": 2, "batch_size": 16, "scoring": "linear"},
+       "variants": {"seed1": {"seed": 1}}}
+TRAIN = {"epochs": 3, "batch_size": 64, "head": {"hidden": 32, "out": 16, "depth": 2}, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def dataset(micro_sandbox, tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("distill-data")
+    (folder / "job.yaml").write_text(yaml.safe_dump({"sandbox": str(micro_sandbox), "out": "run", **JOB}))
+    job = load_job(folder / "job.yaml")
+    curate(job)
+    run_fisher(job)
+    assert len(score_queue(job)) == 8 + 2 + 2  # the test queries twice: main teacher and variant
+    return merge(job)
+
+
+def write_config(folder: Path, dataset: Path, sandbox: Path, **changes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "distill.yaml"
+    path.write_text(yaml.safe_dump({"dataset": str(dataset), "encoder": str(sandbox / "encoder.yaml"), "out": "out",
+                                    "cache": str(dataset.parent / "features"), **TRAIN, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, micro_sandbox, tmp_path_factory) -> Path:
+    path = write_config(tmp_path_factory.mktemp("distill-train"), dataset, micro_sandbox)
+    return train(load_config(path), path)
+
+
+def test_dataset_has_variants_prompt_split_and_training_table(dataset):
+    data = load_dataset(dataset)
+    assert data.variants == ["seed1"] and data.variant_tau.shape == (1, len(data.key))
+    test = data.queries("test")
+    for q in range(len(data.query_id)):
+        scored = np.isfinite(data.variant_tau[0, data.candidates(q)])
+        assert scored.all() if q in test else not scored.any()
+    q = test[0]
+    assert not np.array_equal(data.variant_tau[0, data.candidates(q)], data.tau[data.candidates(q)])  # other noise
+    # the same teacher under other noise: 0.38 measured with these tiny settings (16 query pairs, 2 timesteps)
+    assert spearman(data.variant_tau[0, data.candidates(q)], data.tau[data.candidates(q)]) > 0.2
+    assert len(data.train_keys) == 160 and data.candidates(q).stop - data.candidates(q).start == 160
+    meta = yaml.safe_load(dataset.with_suffix(".yaml").read_text())
+    assert meta["prompt_split"]["shared"] == 0 and meta["prompt_split"]["distinct_prompts"]["test"] == 2
+    assert not Path(meta["job"]["out"]).is_absolute()  # recorded relative to the file
+    assert set(meta["fingerprints"]) >= {"fisher", "fisher@seed1"}
+
+
+def test_outliers_come_from_outside_the_query_candidates(dataset):
+    data = load_dataset(dataset)
+    train_q, val_q = split_queries(data, 0.25, seed=0)
+    assert len(val_q) == 2 and not set(train_q) & set(val_q) and set(train_q) | set(val_q) == set(data.queries("train"))
+    pairs = Pairs.of(data, train_q)
+    assert pairs.label.min() == 0 and pairs.label.max() == pytest.approx(23 / 24)
+    out = with_outliers(pairs, 0.3, len(data.train_keys), np.random.default_rng(0))
+    swapped = out.item != pairs.item
+    assert 0.2 < swapped.mean() < 0.4 and (out.label[swapped] == 1).all()
+    candidates = {(q, i) for q, i in zip(pairs.query, pairs.item)}
+    assert not any((q, i) in candidates for q, i in zip(out.query[swapped], out.item[swapped]))
+    again = with_outliers(pairs, 0.3, len(data.train_keys), np.random.default_rng(0))
+    assert np.array_equal(again.item, out.item)
+
+
+def test_training_writes_a_tuned_encoder_that_loads_and_serves(trained, micro_sandbox):
+    history = json.loads((trained.parent / "train.json").read_text())
+    assert len(history["history"]) == 3 and 1 <= history["best_epoch"] <= 3
+    assert history["history"][-1]["train_loss"] < history["history"][0]["train_loss"]
+    encoder = Encoder.from_yaml(trained, device="cpu")
+    assert encoder.head is not None and encoder.dim == 16 and encoder.describe()["tuned"]
+    baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
+    assert encoder.backbone_fingerprint == baseline.backbone_fingerprint != encoder.fingerprint
+    spec = yaml.safe_load(trained.read_text())
+    assert spec["head"] == "head.safetensors" and not Path(spec["backbones"][0]["model"][10:]).is_absolute()
+    from PIL import Image
+
+    vectors = encoder.embed([Image.new("RGB", (32, 32), "red")], ["a red circle"], role="query")
+    assert vectors.shape == (1, 16) and np.isclose(np.linalg.norm(vectors), 1, atol=1e-5)
+
+
+def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, micro_sandbox, tmp_path, monkeypatch):
+    import fastattr_distill.train as module
+
+    path = write_config(tmp_path, dataset, micro_sandbox)
+    calls = {"n": 0}
+    real = module.validation_spearman
+
+    def dies_in_epoch_two(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed after epoch 1's checkpoint
+        return real(*args)
+
+    monkeypatch.setattr(module, "validation_spearman", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(path), path)
+    assert (tmp_path / "out" / "checkpoint.pt").is_file() and not (tmp_path / "out" / "head.safetensors").exists()
+    monkeypatch.setattr(module, "validation_spearman", real)
+    resumed = train(load_config(path), path)
+    from safetensors.torch import load_file
+
+    a, b = load_file(trained.parent / "head.safetensors"), load_file(resumed.parent / "head.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bits as uninterrupted
+
+
+def test_evaluation_report(trained, dataset, micro_sandbox, tmp_path):
+    data = load_dataset(dataset)
+    baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
+    methods = method_scores(data, Encoder.from_yaml(trained, device="cpu"), baseline, dataset.parent / "features")
+    assert list(methods) == ["random", "untuned open_clip_image", "untuned open_clip_text", "untuned concatenation",
+                             "tuned (tuned)", "teacher variant 'seed1'"]
+    assert all(m.shape == (2, 160) for m in methods.values())
+    report = evaluate(data, methods)
+    assert report["L"] == {"0.42%": 1, "0.85%": 1, "3.40%": 5} and report["test_queries"] == 2
+    for row in report["methods"].values():
+        assert 0 <= row["mAP@0.85%"][0] <= 1 and -1 <= row["spearman"][0] <= 1
+    assert report["methods"]["teacher variant 'seed1'"]["spearman"][0] > report["methods"]["random"]["spearman"][0]
+    files = write_report(report, tmp_path / "eval", "fastattr distill eval ...")
+    assert [f.suffix for f in files] == [".json", ".md", ".png"] and all(f.stat().st_size > 0 for f in files)
+    assert "| tuned (tuned) |" in files[1].read_text() and files[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ranking_metrics():
+    teacher = np.arange(10.0)[::-1]  # item 0 most influential
+    assert average_precision(teacher, teacher, 3) == 1.0
+    assert average_precision(teacher, -teacher, 3) == pytest.approx((1 / 8 + 2 / 9 + 3 / 10) / 3)
+    assert recall_at(teacher, teacher, 4) == 1.0 and recall_at(teacher, -teacher, 4) == 0.0
+    assert spearman(teacher, teacher) == pytest.approx(1.0) and spearman(teacher, -teacher) == pytest.approx(-1.0)
+
+
+def test_bad_input_is_named(dataset, micro_sandbox, tmp_path):
+    with pytest.raises(FastattrError, match="unknown key 'epoch'"):
+        load_config(write_config(tmp_path / "a", dataset, micro_sandbox, epoch=3))
+    with pytest.raises(FastattrError, match="not found; make the dataset"):
+        load_dataset(tmp_path / "nothing.npz")
+    with pytest.raises(FastattrError, match="outlier_rate"):
+        load_config(write_config(tmp_path / "b", dataset, micro_sandbox, outlier_rate=1.5))
+    # a dataset whose teacher scored another manifest
+    (tmp_path / "c").mkdir()
+    other = tmp_path / "c" / "distill.npz"
+    other.write_bytes(dataset.read_bytes())
+    meta = yaml.safe_load(dataset.with_suffix(".yaml").read_text())
+    meta["fingerprints"]["manifest"] = "0" * 64
+    meta["job"]["manifest"] = str(micro_sandbox / "data" / "manifest.jsonl")
+    for image in ("images",):
+        (tmp_path / "c" / image).symlink_to(dataset.parent / image)
+    other.with_suffix(".yaml").write_text(yaml.safe_dump(meta))
+    path = write_config(tmp_path / "d", other, micro_sandbox, cache=None)
+    with pytest.raises(FastattrError, match="changed since the teacher scored"):
+        train(load_config(path), path)
+    # a head whose width does not match the backbones
+    spec = yaml.safe_load((micro_sandbox / "encoder.yaml").read_text())
+    from fastattr_hook.head import AttributionHead, save_head
+
+    save_head(AttributionHead(7, 8, 4, 1), tmp_path / "head.safetensors")
+    spec["backbones"] = [{**b, "model": b["model"].replace("local-dir:", f"local-dir:{micro_sandbox}/"),
+                          **({"tokenizer": str(micro_sandbox / b["tokenizer"])} if b.get("tokenizer") else {})}
+                         for b in spec["backbones"]]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "head": "head.safetensors"}))
+    with pytest.raises(FastattrError, match="expects 7-d input"):
+        Encoder.from_yaml(tmp_path / "bad.yaml", device="cpu")
+
+
+def test_index_build_reuses_the_distillation_feature_store(trained, dataset, micro_sandbox, tmp_path):
+    from index_tools.build import BuildOptions, build_bundle
+
+    store = dataset.parent / "features"
+    chunks = sorted(store.rglob("chunk-*.npy"))
+    assert chunks  # training filled it (items and queries)
+    manifest = micro_sandbox / "data" / "manifest.jsonl"
+    cached = build_bundle(manifest, trained, tmp_path / "cached", BuildOptions(feature_cache=str(store), progress=False))
+    assert sorted(store.rglob("chunk-*.npy")) == chunks  # every item's features were found, none recomputed
+    plain = build_bundle(manifest, trained, tmp_path / "plain", BuildOptions(progress=False))
+    assert cached.encoder.tuned and cached.items == plain.items == 160
+    a, b = np.load(tmp_path / "cached" / "vectors.npy"), np.load(tmp_path / "plain" / "vectors.npy")
+    assert np.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_published_architectures_at_random_weights(dataset, tmp_path):
+    """The recipe for real models end to end on CPU: DINO ViT-B/16 image + CLIP ViT-B/32 text backbones
+    (1280-d, as published) from local weight files, a 1280 -> 768 head, a bundle built with it."""
+    import open_clip
+    import timm
+    from safetensors.torch import save_file
+
+    from fastattr_hook.head import load_head
+    from index_tools.build import BuildOptions, build_bundle
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0).state_dict(),
+              tmp_path / "dino.safetensors")
+    save_file(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), tmp_path / "clip.safetensors")
+    spec = {"name": "dino-clip-untuned", "batch_size": 16, "backbones": [
+        {"kind": "timm_image", "model": "vit_base_patch16_224.dino", "weights": "dino.safetensors"},
+        {"kind": "open_clip_text", "model": "ViT-B-32", "weights": "clip.safetensors"}]}
+    (tmp_path / "untuned.yaml").write_text(yaml.safe_dump(spec))
+    untuned = Encoder.from_yaml(tmp_path / "untuned.yaml", device="cpu")
+    assert untuned.feature_dim == 768 + 512
+    config = write_config(tmp_path / "train", dataset, Path("/unused"), encoder=str(tmp_path / "untuned.yaml"),
+                          cache=str(tmp_path / "features"), head={}, epochs=1, batch_size=256)
+    tuned = train(load_config(config), config)
+    head = load_head(tuned.parent / "head.safetensors")
+    assert (head.in_features, head.out_features) == (1280, 768)
+    assert {k.rsplit(".", 1)[0] for k in head.state_dict()} == {
+        "mlp.layers.0", "mlp.layers.1", "mlp.layers.2", "mlp.output_layer", "scale", "bias"}  # published layout
+    spec = yaml.safe_load(tuned.read_text())
+    assert spec["backbones"][0]["weights"] == "../../dino.safetensors" and spec["backbones"][1]["model"] == "ViT-B-32"
+    manifest = load_dataset(dataset).manifest
+    bundle = build_bundle(manifest, tuned, tmp_path / "bundle",
+                          BuildOptions(feature_cache=str(tmp_path / "features"), progress=False))
+    assert bundle.dim == 768 and bundle.items == 160 and bundle.encoder.tuned
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_head(dataset, micro_sandbox, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): each takes half of every global batch, DDP
+    averages the gradients, so the head matches the single-process one up to float summation order
+    (dropout off: its masks are drawn per process)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    head = {**TRAIN["head"], "dropout": 0.0}
+    single = write_config(tmp_path / "one", dataset, micro_sandbox, head=head)
+    trained = train(load_config(single), single)
+    path = write_config(tmp_path / "two", dataset, micro_sandbox, head=head)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "fastattr_hook.cli", "distill", "train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(trained.parent / "head.safetensors"), load_file(tmp_path / "two" / "out" / "head.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_a_sandbox_serves_its_distilled_encoder(dataset, micro_sandbox, tmp_path):
+    import shutil
+
+    from fastattr_hook.attributor import Attributor
+    from fastattr_sandbox import build
+
+    root = tmp_path / "sandbox"
+    shutil.copytree(micro_sandbox, root, ignore=shutil.ignore_patterns("work"))
+    path = write_config(tmp_path, dataset, root, out=str(root / "tuned"), epochs=1)
+    spec = train(load_config(path), path)
+    with pytest.raises(FastattrError, match="not inside the sandbox"):
+        build.set_encoder(root, micro_sandbox / "encoder.yaml")
+    state = build.set_encoder(root, spec)
+    assert state["encoder"] == "tuned/encoder.yaml" and state["figures"]["index"]["tuned"]
+    assert {"tuned/encoder.yaml", "tuned/head.safetensors", "encoder.yaml"} <= set(build.verify(root))
+    attributor = Attributor.from_bundle(root / "bundle", device="cpu")
+    from PIL import Image
+
+    [result] = attributor.attribute([Image.new("RGB", (32, 32), "red")], ["a red circle"], k=3)
+    assert result.encoder["tuned"] and result.encoder["name"] == "tuned" and len(result.credits) == 3
+    (root / "tuned" / "head.safetensors").write_bytes(b"tampered")
+    with pytest.raises(FastattrError, match="head.safetensors: checksum mismatch"):
+        build.verify(root)
