@@ -28,6 +28,7 @@ class DistillDataset:
     query_id: np.ndarray
     split: np.ndarray
     prompt: np.ndarray
+    seed: np.ndarray  # generation seed of each query image
     image: np.ndarray  # absolute paths of the query images
     offsets: np.ndarray
     key: np.ndarray  # [C] bundle keys of the candidates
@@ -94,6 +95,6 @@ def load_dataset(path: str | Path) -> DistillDataset:
     images = np.array([str((path.parent / p).resolve()) for p in arrays["image"]])
     variants = [str(v) for v in arrays.get("variants", [])]
     variant_tau = arrays.get("variant_tau", np.zeros((0, len(arrays["key"]))))
-    return DistillDataset(path.resolve(), meta, arrays["query_id"], arrays["split"], arrays["prompt"], images,
+    return DistillDataset(path.resolve(), meta, arrays["query_id"], arrays["split"], arrays["prompt"], arrays["seed"], images,
                           arrays["offsets"], arrays["key"], arrays["tau"], arrays["rank"], train_keys, train_ids,
                           variants, variant_tau)

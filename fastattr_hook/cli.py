@@ -235,6 +235,22 @@ def _distill(args) -> int:
 
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("fastattr_distill").setLevel(logging.INFO)
+    if args.distill_command == "counterfactual":
+        from fastattr_distill import counterfactual as cf
+
+        job = cf.load_job(args.config)
+        with logging_redirect_tqdm():
+            if args.step == "plan":
+                meta = cf.plan(job, args.config)
+                print(f"{job.out}/plan.json: {len(meta['runs'])} retraining runs (reference included)")
+            elif args.step == "train":
+                print(f"{job.out}: trained {len(cf.train_runs(job, args.config))} runs in this process")
+            else:
+                out = args.out or str(Path(job.out) / "counterfactual")
+                command = "fastattr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                cf.report(job, cf.measure(job, args.config), out, command)
+                print(Path(out).with_suffix(".md").read_text(encoding="utf-8"))
+        return 0
     if args.distill_command == "train":
         from fastattr_distill.train import load_config, train
 
@@ -254,7 +270,7 @@ def _distill(args) -> int:
     if not args.no_motifs:
         report["motifs"] = motif_check({f"tuned ({tuned.spec.name})": tuned, "untuned concatenation": baseline},
                                        args.sandbox, data, cache)
-    command = "fastattr distill eval " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    command = "fastattr " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for path in write_report(report, args.out, command):
         print(path)
     print(Path(args.out).with_suffix(".md").read_text(encoding="utf-8"))
@@ -396,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", help="sandbox for the rare-motif check (default: the shipped one)")
     p.add_argument("--no-motifs", action="store_true", help="skip the rare-motif check (needs a sandbox model)")
     p.add_argument("--device", help="torch device for the encoders (default: cuda when available)")
+    p.set_defaults(func=_distill)
+    p = distill.add_parser("counterfactual", help="leave-K-out retraining: remove each method's top-K training "
+                           "items, retrain, measure how much the query's loss and image change")
+    p.add_argument("step", choices=["plan", "train", "report"], help="plan the runs; train them (resumable, "
+                   "accelerate launch for many processes); measure and write the report")
+    p.add_argument("--config", required=True, help="counterfactual job YAML")
+    p.add_argument("--out", help="report: path without suffix (default: OUT/counterfactual) for .json/.md/.png")
     p.set_defaults(func=_distill)
 
     p = commands.add_parser("inspect", help="show the credit metadata carried by images")

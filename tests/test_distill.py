@@ -284,3 +284,71 @@ def test_a_sandbox_serves_its_distilled_encoder(dataset, micro_sandbox, tmp_path
     (root / "tuned" / "head.safetensors").write_bytes(b"tampered")
     with pytest.raises(FastattrError, match="head.safetensors: checksum mismatch"):
         build.verify(root)
+
+
+def test_counterfactual_batch_order_only_skips_removed_items():
+    from fastattr_distill.counterfactual import batch_order
+
+    keep = np.ones(50, dtype=bool)
+    full = batch_order(keep, 40, 8, seed=1)  # longer: the run without 3 items reaches further into it
+    keep[[3, 17, 42]] = False
+    without = batch_order(keep, 30, 8, seed=1)
+    assert not np.isin(without, [3, 17, 42]).any()
+    assert np.array_equal(without.ravel(), full.ravel()[~np.isin(full.ravel(), [3, 17, 42])][:240])
+
+
+def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, tmp_path, monkeypatch):
+    from fastattr_distill import counterfactual as cf
+    from fastattr_sandbox import train as sandbox_train
+
+    job_yaml = tmp_path / "cf.yaml"
+    job_yaml.write_text(yaml.safe_dump({
+        "dataset": str(dataset), "out": "run", "tuned": str(trained), "untuned": str(micro_sandbox / "encoder.yaml"),
+        "queries": 1, "k": [8], "steps": 6, "batch_size": 8, "eval_pairs": 16, "sample_steps": 3}))
+    job = cf.load_job(job_yaml)
+    meta = cf.plan(job, job_yaml)
+    assert list(meta["runs"]) == ["reference"] + [f"test-00000-{m}-k8" for m in cf.METHODS]
+    data = load_dataset(dataset)
+    teacher_top = np.argsort(-data.tau[data.candidates(data.queries("test")[0])], kind="stable")[:8]
+    assert meta["runs"]["test-00000-teacher-k8"] == sorted(teacher_top.tolist())
+    assert meta["runs"]["reference"] == [] and all(len(v) == 8 for k, v in meta["runs"].items() if k != "reference")
+
+    monkeypatch.setattr(sandbox_train, "CHECKPOINT_EVERY", 2)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dies(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # killed in the first run's step 5, after its step-4 checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        cf.train_runs(job, job_yaml)
+    assert (tmp_path / "run" / "work" / "reference" / "unet.ckpt").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert len(cf.train_runs(job, job_yaml)) == 5
+    assert cf.train_runs(job, job_yaml) == []  # all done: nothing retrained
+    from safetensors.torch import load_file
+
+    resumed = load_file(cf.model_path(job, "reference"))
+    (tmp_path / "again").mkdir()
+    again_yaml = tmp_path / "again" / "cf.yaml"
+    again_yaml.write_text(job_yaml.read_text())
+    again = cf.load_job(again_yaml)
+    cf.plan(again, again_yaml)
+    cf.train_runs(again, again_yaml)
+    uninterrupted = load_file(cf.model_path(again, "reference"))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)  # resumed = uninterrupted, bit for bit
+
+    table = cf.report(job, cf.measure(job, job_yaml), tmp_path / "cf", "fastattr distill counterfactual report")
+    entry = table["k"]["8"]
+    assert set(cf.METHODS) <= set(entry) and {"tuned - untuned", "tuned - random"} <= set(entry)
+    for method in cf.METHODS:
+        assert np.isfinite(entry[method]["dL"][0]) and entry[method]["mse"][0] >= 0
+        assert -1 <= entry[method]["similarity"][0] <= 1 + 1e-6
+    assert (tmp_path / "cf.png").read_bytes()[:4] == b"\x89PNG" and "## K = 8" in (tmp_path / "cf.md").read_text()
+    job_yaml.write_text(job_yaml.read_text().replace("steps: 6", "steps: 7"))
+    with pytest.raises(FastattrError, match="key 'steps' differs from the plan"):
+        cf.train_runs(cf.load_job(job_yaml), job_yaml)
