@@ -5,7 +5,8 @@ j gets the label y = j / M (0 = most influential); the prediction is z = scale *
 bias and the loss is binary cross-entropy with logits. With probability ``outlier_rate`` a pair's
 item is replaced by a random training item outside the query's candidates (rejection sampling
 over int64 pair codes, never a dense queries x items array), labelled 1. Backbone features come
-from the feature cache; batches are index arrays into them (no per-pair Python).
+from the feature store (``index_tools.features``); batches are index arrays into them (no per-pair
+Python), and each distinct query and item of a batch goes through the head once.
 
 Deterministic for a seed (epoch e draws from (seed, e)), resumable per epoch (a checkpoint holds
 the head, the optimizer and the best head so far), and data-parallel under ``accelerate launch``:
@@ -31,9 +32,9 @@ from fastattr_hook.config import load_yaml, save_yaml, to_dict
 from fastattr_hook.encoder import Encoder, EncoderSpec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, save_head
+from index_tools.features import cached_features
 
 from .data import DistillDataset, load_dataset
-from index_tools.features import cached_features
 from .metrics import spearman
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class Pairs:
                   data.item_rows(data.key[data.candidates(q)]),
                   data.rank[data.candidates(q)] / max(1, data.offsets[q + 1] - data.offsets[q]))
                  for q in queries]
-        return cls(*(np.concatenate(p) if parts else np.zeros(0) for p in zip(*parts)))
+        return cls(*(np.concatenate(p) for p in zip(*parts)))
 
 
 def with_outliers(pairs: Pairs, rate: float, num_items: int, rng: np.random.Generator) -> Pairs:
@@ -219,11 +220,12 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     base = Encoder.from_yaml(spec_path, device=device)
     data = load_dataset(config.dataset)
     cache = config.cache or out / "cache"
-    if accelerator.is_main_process:  # one process fills the cache, the others then read it
-        item_features(base, data, cache), query_features(base, data, cache)
-    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()  # the main process fills the feature store, the others then read it
     fi = torch.from_numpy(np.array(item_features(base, data, cache))).to(device)
     fq = torch.from_numpy(np.array(query_features(base, data, cache))).to(device)
+    if accelerator.is_main_process:
+        accelerator.wait_for_everyone()
     train_q, val_q = split_queries(data, config.val_fraction, config.seed)
     pairs = Pairs.of(data, train_q)
 
