@@ -93,7 +93,7 @@ def method_rankings(job: CounterfactualJob, data: DistillDataset, queries: np.nd
     """{method: [Q, N] training-table rows, most influential first}."""
     from fastattr_hook.encoder import Encoder
 
-    from .evaluate import _full
+    from .evaluate import full_scores
     from .metrics import ranking
     from .train import item_features, query_features
 
@@ -101,7 +101,7 @@ def method_rankings(job: CounterfactualJob, data: DistillDataset, queries: np.nd
     cache = Path(job.out) / "features"
     for method in job.methods:
         if method == "teacher":
-            scores = np.stack([_full(data, q, data.tau) for q in queries])
+            scores = np.stack([full_scores(data, q, data.tau) for q in queries])
         elif method == "random":
             scores = np.stack([np.random.default_rng([job.seed, int(q)]).random(len(data.train_keys))
                                for q in queries])

@@ -48,17 +48,20 @@ def method_scores(data: DistillDataset, tuned: Encoder, baseline: Encoder, cache
     start = 0
     for b in baseline.backbones:
         part = slice(start, start + b.dim)
-        unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-        methods[f"untuned {b.spec.kind}"] = unit(fq[:, part]) @ unit(fi[:, part]).T
+        methods[f"untuned {b.spec.kind}"] = _unit(fq[:, part]) @ _unit(fi[:, part]).T
         start += b.dim
     methods["untuned concatenation"] = baseline.embed_features(fq, "query") @ baseline.embed_features(fi).T
     methods[f"tuned ({tuned.spec.name})"] = tuned.embed_features(fq, "query") @ tuned.embed_features(fi).T
     for v, name in enumerate(data.variants):
-        methods[f"teacher variant '{name}'"] = np.stack([_full(data, q, data.variant_tau[v]) for q in test])
+        methods[f"teacher variant '{name}'"] = np.stack([full_scores(data, q, data.variant_tau[v]) for q in test])
     return methods
 
 
-def _full(data: DistillDataset, q: int, tau: np.ndarray) -> np.ndarray:
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def full_scores(data: DistillDataset, q: int, tau: np.ndarray) -> np.ndarray:
     """A test query's scores in training-table order."""
     out = np.full(len(data.train_keys), -np.inf)
     out[data.item_rows(data.key[data.candidates(q)])] = tau[data.candidates(q)]
@@ -67,7 +70,7 @@ def _full(data: DistillDataset, q: int, tau: np.ndarray) -> np.ndarray:
 
 def evaluate(data: DistillDataset, methods: dict[str, np.ndarray]) -> dict:
     """Metrics of every method against the teacher's ranking of each test query."""
-    teacher = np.stack([_full(data, q, data.tau) for q in data.queries("test")])
+    teacher = np.stack([full_scores(data, q, data.tau) for q in data.queries("test")])
     n = teacher.shape[1]
     counts = {f"{100 * f:.2f}%": max(1, round(f * n)) for f in FRACTIONS}
     report = {"dataset": str(data.path.name), "training_items": n, "test_queries": len(teacher),

@@ -62,6 +62,8 @@ class Attribution:
             entry = totals.setdefault(name, CreatorCredit(name, 0.0, 0))
             entry.share += credit.share
             entry.count += 1
+        for entry in totals.values():  # rounded like the credits' own shares
+            entry.share = round(entry.share, 6)
         return sorted(totals.values(), key=lambda c: (-c.share, c.creator))
 
     def to_dict(self) -> dict:

@@ -147,7 +147,14 @@ def _attribute(args) -> int:
 
     from .attributor import Attributor
 
-    attributor = Attributor.from_bundle(args.bundle, device=args.device)
+    bundle = args.bundle
+    if bundle is None:
+        from fastattr_sandbox.build import DEFAULT_SANDBOX
+
+        bundle = DEFAULT_SANDBOX / "bundle"
+        print(f"no --bundle given: using the shipped sandbox bundle {bundle}", file=sys.stderr)
+    print("loading the bundle and its encoder ...", file=sys.stderr)
+    attributor = Attributor.from_bundle(bundle, device=args.device)
     images = []
     for path in args.images:
         try:
@@ -278,7 +285,8 @@ def _distill(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastattr", description=__doc__.split("\n")[0].replace("The ``fastattr``", "fastattr:"))
+    parser = argparse.ArgumentParser(prog="fastattr", description="fastattr: which training images made this "
+                                     "image, in milliseconds. Each command has its own --help.")
     parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -333,40 +341,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact for small sets, else usearch")
     p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
                    help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
-    p.add_argument("--name")
+    p.add_argument("--name", help="the bundle's name, recorded in every credit (default: the --out folder name)")
     embed_options(p)
     p.set_defaults(func=_index_build)
     p = index.add_parser("add", help="append a manifest's rows to a bundle")
-    p.add_argument("bundle")
-    p.add_argument("--manifest", required=True)
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--manifest", required=True, help="manifest of the new rows (ids already in the bundle are rejected)")
     embed_options(p)
     p.set_defaults(func=_index_add)
     p = index.add_parser("verify", help="check structure, checksums, counts, encoder; --deep re-embeds a sample")
-    p.add_argument("bundle")
-    p.add_argument("--deep", action="store_true")
-    p.add_argument("--sample", type=int, default=32)
-    p.add_argument("--min-recall", type=float, default=0.95)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--deep", action="store_true", help="also re-embed a sample of items from their source images and "
+                   "measure the backend's recall@10 against exact search")
+    p.add_argument("--sample", type=int, default=32, help="with --deep: how many items to re-embed (default 32)")
+    p.add_argument("--min-recall", type=float, default=0.95, help="with --deep: fail below this recall@10 "
+                   "(default 0.95)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_index_verify)
     p = index.add_parser("info", help="show a bundle's description")
-    p.add_argument("bundle")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=_index_info)
     p = index.add_parser("remove", help="opt items out (by id, creator or license); effective at once")
-    p.add_argument("bundle")
-    p.add_argument("--ids", nargs="+")
-    p.add_argument("--creator")
-    p.add_argument("--license")
-    p.add_argument("--reason", default="opt-out")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--ids", nargs="+", help="training ids to remove")
+    p.add_argument("--creator", help="remove every item of this creator")
+    p.add_argument("--license", help="remove every item under this license")
+    p.add_argument("--reason", default="opt-out", help="recorded with each removal (default: opt-out)")
     p.set_defaults(func=_index_remove)
 
     p = commands.add_parser("attribute", help="which training images made these images?")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("images", nargs="+", help="generated images (PNG, JPEG, WebP)")
+    p.add_argument("--prompt", required=True, help="the prompt they were generated from")
+    p.add_argument("--bundle", help="index bundle (default: the shipped sandbox bundle)")
+    p.add_argument("--k", type=int, default=10, help="credits per image (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one fastattr/attribution@1 object per "
+                   "image (a list also for one image)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--write-metadata", action="store_true", help="embed the credits in each image (atomic)")
     p.add_argument("--out", help="with --write-metadata: write copies here instead of in place")
     p.add_argument("--c2pa-cert", help="with --write-metadata: PEM certificate chain to sign a C2PA manifest")

@@ -73,7 +73,8 @@ def render_report(images, attributions: list[Attribution], attributor: Attributo
         creators = ", ".join(f"{e(cc.creator or '-')} {cc.share:.0%}" for cc in attribution.creators)
         sections.append(
             f'<section><div class="query"><img src="{_data_uri(_png(image))}" alt="generated">'
-            f"<p><b>{e(attribution.prompt)}</b><br><small>{e(name)} · {attribution.timing_ms.get('total', 0):.1f} ms"
+            f"<p><b>{e(attribution.prompt)}</b><br><small>{e(name)} · {attribution.timing_ms.get('total', 0):.1f} ms per image "
+            f"(attribution only, amortised over a batch of {attribution.timing_ms.get('batch_size', 1):.0f})"
             f"</small><br>Creators: {creators}</p></div><div class=\"credits\">{''.join(cards)}</div></section>")
     bundle = attribution.bundle if attributions else {}
     encoder = attribution.encoder if attributions else {}

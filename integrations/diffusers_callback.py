@@ -13,6 +13,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +27,17 @@ from fastattr_hook.errors import FastattrError
 
 def _attributor(source: Attributor | str | Path, device: str | None = None) -> Attributor:
     return source if isinstance(source, Attributor) else Attributor.from_bundle(source, device=device)
+
+
+def check_k(k, attributor: Attributor) -> int:
+    """``k`` checked when the callback or wrapper is built, so a mistake never costs a generation."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise FastattrError(f"k must be a positive integer (how many credits per image), got {k!r}")
+    items = attributor.manifest.items
+    if k > items:
+        raise FastattrError(f"k={k} exceeds the {items} training items of bundle '{attributor.manifest.name}'; "
+                            f"use k <= {items}")
+    return k
 
 
 def expand_prompts(prompt: str | Sequence[str], batch_size: int) -> list[str]:
@@ -84,14 +96,16 @@ class AttributionCallback(PipelineCallback):
                  device: str | None = None):
         super().__init__()
         self.attributor = _attributor(attributor, device)
-        self.prompt, self.k = prompt, k
+        self.prompt, self.k = prompt, check_k(k, self.attributor)
         self.attributions: list[Attribution] = []
         self.images: list = []
 
     def callback_fn(self, pipeline, step_index: int, timestep, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        if step_index == pipeline.num_timesteps - 1:
+        if step_index == 0:  # checked at the first step: a mistake never waits for the last one
             if self.prompt is None:
                 raise FastattrError("AttributionCallback needs the prompt: AttributionCallback(bundle, prompt=...)")
+            expand_prompts(self.prompt, len(callback_kwargs["latents"]))
+        if step_index == pipeline.num_timesteps - 1:
             latents = callback_kwargs["latents"]
             self.images = decode_latents(pipeline, latents)
             self.attributions = self.attributor.attribute(self.images, expand_prompts(self.prompt, len(latents)),
@@ -100,13 +114,24 @@ class AttributionCallback(PipelineCallback):
 
 
 class AttributedPipeline:
-    """A pipeline whose outputs carry attributions; every other attribute passes through."""
+    """A pipeline whose outputs carry attributions; every other attribute passes through, and a
+    method that returns the pipeline (``.to()``, ``enable_model_cpu_offload()`` ...) returns this
+    wrapper, so chaining never drops the attributions."""
 
     def __init__(self, pipeline, attributor: Attributor, k: int = 10):
-        self.pipeline, self.attributor, self.k = pipeline, attributor, k
+        self.pipeline, self.attributor, self.k = pipeline, attributor, check_k(k, attributor)
 
     def __getattr__(self, name: str):
-        return getattr(self.pipeline, name)
+        value = getattr(self.pipeline, name)
+        if not callable(value) or isinstance(value, torch.nn.Module):
+            return value
+
+        @functools.wraps(value)
+        def keep_wrapped(*args, **kwargs):
+            result = value(*args, **kwargs)
+            return self if result is self.pipeline else result
+
+        return keep_wrapped
 
     def __call__(self, prompt: str | Sequence[str] | None = None, *args, **kwargs):
         if prompt is None:

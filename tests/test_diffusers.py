@@ -126,3 +126,37 @@ def test_demo_end_to_end(micro_sandbox, tmp_path):
     for png in sorted((tmp_path / "demo").glob("*.png")):
         found = read_attribution(png)
         assert found["png"].credits and json.loads((png.with_suffix(".attribution.json")).read_text())["k"] == 3
+
+
+def test_mistakes_are_caught_before_or_at_the_first_step(tiny_sd, attributor):
+    from diffusers.callbacks import PipelineCallback
+
+    for bad in (0, -1, "5", 2.5, True):
+        with pytest.raises(FastattrError, match="k must be a positive integer"):
+            AttributionCallback(attributor, prompt="a red circle", k=bad)
+        with pytest.raises(FastattrError, match="k must be a positive integer"):
+            with_attribution(tiny_sd, attributor, k=bad)
+    with pytest.raises(FastattrError, match="k=10000 exceeds the 160 training items"):
+        AttributionCallback(attributor, prompt="a red circle", k=10_000)
+
+    class Steps(PipelineCallback):
+        tensor_inputs = ["latents"]
+        seen: list[int] = []
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            self.seen.append(step_index)
+            return callback_kwargs
+
+    steps = Steps()
+    callback = AttributionCallback(attributor, prompt=["a", "b", "c"], k=2)  # 3 prompts for 2 images
+    with pytest.raises(FastattrError, match="2 images cannot come from 3 prompts"):
+        _run(tiny_sd, ["a red circle", "a blue ring"], callback_on_step_end=MultiPipelineCallbacks([steps, callback]))
+    assert steps.seen == [0]  # stopped after the first denoising step, not the last
+
+
+def test_wrapper_survives_methods_that_return_the_pipeline(tiny_sd, attributor):
+    wrapped = with_attribution(tiny_sd, attributor, k=2)
+    assert wrapped.to("cpu") is wrapped and wrapped.to(torch.float32) is wrapped
+    assert wrapped.unet is tiny_sd.unet  # modules and plain attributes pass through
+    out = wrapped.to("cpu")(["a red circle"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(out.attributions) == 1 and len(out.attributions[0].credits) == 2
