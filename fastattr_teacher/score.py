@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_write_bytes, atomic_write_text
+from fastattr_hook._io import atomic_write_bytes
 
 from .adapter import TrainingItem, UNetAdapter
 from .config import TeacherConfig
@@ -135,25 +135,22 @@ def item_gradients(adapter: UNetAdapter, items: Sequence[TrainingItem], config: 
     configuration. With ``cache_dir`` they are kept in memory-mapped chunks of ``GRADIENT_CHUNK``
     items, each written atomically (its ids file last), so a killed pass resumes and every process
     and shard reuses them."""
+    from index_tools.features import ChunkStore
+
     key = loss_config_hash(adapter, config, params=config.params)
     memo = adapter.base_gradients.setdefault(key, {})
-    folder = Path(cache_dir) / f"item-gradients-{key[:16]}" if cache_dir else None
-    if folder and folder.is_dir():
-        for ids_file in sorted(folder.glob("chunk-*.json")):
-            ids = json.loads(ids_file.read_text())
-            if ids[0] not in memo:
-                memo.update(zip(ids, np.load(ids_file.with_suffix(".npy"), mmap_mode="r")))
+    store = ChunkStore(Path(cache_dir) / f"item-gradients-{key[:16]}") if cache_dir else None
     missing = list({item.id: item for item in items if item.id not in memo}.values())
-    chunk = GRADIENT_CHUNK if folder else max(1, len(missing))
+    if store is not None:
+        memo.update((item.id, store.get([item.id])[0]) for item in missing if item.id in store)
+        missing = [item for item in missing if item.id not in memo]
+    chunk = GRADIENT_CHUNK if store is not None else max(1, len(missing))
     bar = tqdm(total=len(missing), desc="item gradients", unit="item", disable=not missing)
     for start in range(0, len(missing), chunk):
         part = missing[start:start + chunk]
         grads = _item_gradient_rows(adapter, part, config)
-        if folder:
-            name = f"chunk-{hashlib.sha256(part[0].id.encode()).hexdigest()[:12]}-{len(memo):08d}"
-            with atomic_open(folder / f"{name}.npy", "wb") as f:
-                np.save(f, grads)
-            atomic_write_text(folder / f"{name}.json", json.dumps([item.id for item in part]))
+        if store is not None:
+            store.put([item.id for item in part], grads)
         memo.update(zip([item.id for item in part], grads))
         bar.update(len(part))
     bar.close()
