@@ -12,6 +12,7 @@ import base64
 import datetime as _dt
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,8 @@ from fastattr_hook.items import ItemStore
 from fastattr_hook.search import create_index, default_backend, load_index
 
 from .manifest import ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
+
+log = logging.getLogger(__name__)
 
 CALIBRATION_RATIO = 10.0  # a typical query's 1st credit gets this many times the share of its 10th
 
@@ -117,9 +120,14 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     options = options or BuildOptions()
     manifest_path, encoder_spec, out = Path(manifest_path), Path(encoder_spec), Path(out).resolve()
     rank, world, barrier, device = distributed()
-    if out.exists() and rank == 0:
-        raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
     encoder = Encoder.from_yaml(encoder_spec, device=options.device or device)
+    if out.exists():
+        done = read_manifest(out) if resume and (out / "bundle.yaml").is_file() else None
+        if done and done.manifest.fingerprint == manifest_fingerprint(manifest_path) and \
+                done.encoder.fingerprint == encoder.fingerprint:
+            log.info("%s: already complete (same manifest and encoder); nothing to resume", out)
+            return done if rank == 0 else None
+        raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
     work = out.with_name(out.name + ".partial")
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
              "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size}
@@ -129,6 +137,9 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     barrier()
     if rank != 0:
         return None
+    if not accepted:
+        raise FastattrError(f"{manifest_path}: no usable row, so no bundle was made; the reasons per row are in "
+                            f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
     vectors, rows, rejects = _merge_chunks(work, accepted)
     first_key = 0
     backend = options.backend or default_backend(len(vectors))
@@ -178,6 +189,13 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         seen = list(store.ids())
         first_key = store.max_key() + 1
     accepted = _embed_manifest(manifest_path, encoder, work, options, 0, 1, seen_ids=seen)
+    if not accepted:  # nothing new: the bundle stays exactly as it was
+        rejects_file = work / "rejects-manifest.jsonl"
+        rejected = rejects_file.read_text().splitlines() if rejects_file.is_file() else []
+        shutil.rmtree(work, ignore_errors=True)
+        log.warning("%s: no new row to add, the bundle is unchanged (%d rows rejected%s)", manifest_path,
+                    len(rejected), f", first: {json.loads(rejected[0]).get('reason')}" if rejected else "")
+        return current
     vectors, rows, rejects = _merge_chunks(work, accepted)
     with atomic_dir(bundle_dir) as tmp:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)

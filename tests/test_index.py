@@ -264,3 +264,31 @@ def test_two_accelerate_processes_build_the_same_bundle(sandbox, exact_bundle, t
         query = "SELECT key, id, caption, creator, sha256 FROM items ORDER BY key"
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
     assert read_manifest(out).items == read_manifest(exact_bundle).items
+
+
+def test_resume_on_a_finished_build_says_complete_and_empty_inputs_are_errors(sandbox, exact_bundle, rows, tmp_path):
+    manifest = sandbox / "data" / "manifest.jsonl"
+    before = (exact_bundle / "bundle.yaml").read_bytes()
+    again = build_bundle(manifest, sandbox / "encoder.yaml", exact_bundle, _options(backend="exact"), resume=True)
+    assert again.fingerprint == read_manifest(exact_bundle).fingerprint
+    assert (exact_bundle / "bundle.yaml").read_bytes() == before
+    with pytest.raises(FastattrError, match="already exists"):  # without --resume it still refuses
+        build_bundle(manifest, sandbox / "encoder.yaml", exact_bundle, _options(backend="exact"))
+    for text in ("", "\n\n"):
+        empty = tmp_path / f"empty{len(text)}.jsonl"
+        empty.write_text(text)
+        with pytest.raises(FastattrError, match="no usable row, so no bundle was made"):
+            build_bundle(empty, sandbox / "encoder.yaml", tmp_path / f"b{len(text)}", _options(backend="exact"))
+        assert not (tmp_path / f"b{len(text)}").exists()
+
+
+def test_add_with_nothing_new_leaves_the_bundle_unchanged(sandbox, exact_bundle, rows, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exact_bundle, bundle)
+    files = {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    same = tmp_path / "same.jsonl"  # every id is already in the bundle
+    same.write_text("".join(json.dumps({**r, "image": str(sandbox / "data" / r["image"])}) + "\n" for r in rows[:5]))
+    result = add_to_bundle(bundle, same, _options())
+    assert result.items == len(rows)
+    assert {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == files
+    assert not (tmp_path / "bundle.add.partial").exists()
