@@ -17,17 +17,9 @@ import time
 import numpy as np
 import torch
 
+from fastattr_distill.metrics import recall_at as overlap, spearman
 from fastattr_sandbox import build
 from fastattr_teacher import TeacherConfig, UNetAdapter, compute_preconditioner, read_training_items, score_query
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(rank_a, rank_b)[0, 1])
-
-
-def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
 
 
 def main() -> None:
