@@ -180,7 +180,7 @@ def test_load_index_is_cached_and_defaults_to_the_shipped_sandbox(pack, nodes, b
     from fastattr_sandbox.build import DEFAULT_SANDBOX
 
     default = str(DEFAULT_SANDBOX / "bundle")
-    assert loader.INPUT_TYPES()["required"]["bundle_path"][1]["default"] == default
+    assert loader.INPUT_TYPES()["required"]["bundle_path"][1]["default"] == ""  # workflows save no machine path
     if (Path(default) / "bundle.yaml").is_file():
         assert nodes.resolve_bundle_path("") == Path(default).resolve()
     else:
@@ -216,6 +216,9 @@ def test_load_index_errors_name_the_input(pack, nodes, monkeypatch, tmp_path):
     (tmp_path / "bundle.yaml").write_text("schema: x\n")
     with pytest.raises(FastattrError, match="device 'gpu0'"):
         loader.load(str(tmp_path), "gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(FastattrError, match="device 'cuda:0' is not available on this machine"):
+            loader.load(str(tmp_path), "cuda:0")
     monkeypatch.setattr(nodes, "default_bundle_path", lambda: str(tmp_path / "missing" / "bundle"))
     with pytest.raises(FastattrError, match="shipped sandbox bundle has not been built"):
         loader.load("")

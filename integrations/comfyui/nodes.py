@@ -76,10 +76,16 @@ def _device(value: str | None) -> str | None:
     if text in ("", "auto"):
         return None
     try:
-        torch.device(text)
+        device = torch.device(text)
     except (RuntimeError, ValueError):
         raise FastattrError(f"Load Attribution Index: device {value!r} is not a torch device; "
                             "use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise FastattrError(f"Load Attribution Index: device {value!r} is not available on this machine (torch sees "
+                            f"{torch.cuda.device_count()} CUDA devices); use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FastattrError(f"Load Attribution Index: device {value!r} is not available on this machine; "
+                            "use auto or cpu")
     return text
 
 
@@ -230,8 +236,8 @@ class FastattrLoadIndex:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "bundle_path": ("STRING", {
-                    "default": default_bundle_path(), "multiline": False,
+                "bundle_path": ("STRING", {  # "" is saved in workflows: machine paths never travel
+                    "default": "", "multiline": False,
                     "tooltip": "Folder of an index bundle (holds bundle.yaml), built with `fastattr index "
                                "build`. Empty = the sandbox bundle shipped with fastattr (leave it empty "
                                "in workflows you share)."}),
