@@ -4,7 +4,11 @@ Pointwise learning to rank: for a query and its M teacher-ranked candidates, the
 j gets the label y = j / M (0 = most influential); the prediction is z = scale * cos(f(q), f(x)) +
 bias and the loss is binary cross-entropy with logits. With probability ``outlier_rate`` a pair's
 item is replaced by a random training item outside the query's candidates (rejection sampling
-over int64 pair codes, never a dense queries x items array), labelled 1. Backbone features come
+over int64 pair codes, never a dense queries x items array), labelled 1. With whole-set rankings
+(every item a candidate, as the linear teacher affords) ``pairs_per_query`` draws a fresh sample of
+each query's ranking every epoch instead. Before training, the scalar scale and bias are fitted to
+the labels (``calibrate``): with Xavier's random start they otherwise spend most of a small
+dataset's steps just flipping sign (measured: validation Spearman 0.04 without, 0.45 with). Backbone features come
 from the feature store (``index_tools.features``); batches are index arrays into them (no per-pair
 Python), and each distinct query and item of a batch goes through the head once.
 
@@ -45,7 +49,7 @@ PATH_KEYS = ("dataset", "encoder", "out", "cache")
 class HeadConfig:
     hidden: int = 768
     out: int = 768
-    depth: int = 3
+    depth: int = 3  # hidden layers; 0 = one linear map
     dropout: float = 0.1
 
 
@@ -65,6 +69,7 @@ class DistillConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     outlier_rate: float = 0.1
+    pairs_per_query: int | None = None  # per epoch, a fresh random draw of this many candidates per query (None: all)
     val_fraction: float = 0.1  # train queries held out to pick the best epoch
     seed: int = 0
     device: str | None = None  # default: accelerate's device for the process, else cuda when available
@@ -139,6 +144,17 @@ class Pairs:
         return cls(*(np.concatenate(p) for p in zip(*parts)))
 
 
+def subsample(pairs: Pairs, per_query: int | None, rng: np.random.Generator) -> Pairs:
+    """At most ``per_query`` pairs of each query, drawn at random (all when None): with whole-set
+    rankings, each epoch sees another sample of every query's ranking, at a fixed cost per epoch."""
+    if per_query is None:
+        return pairs
+    order = np.lexsort((rng.random(len(pairs.query)), pairs.query))
+    starts = np.searchsorted(pairs.query[order], pairs.query[order], side="left")
+    keep = np.sort(order[np.arange(len(order)) - starts < per_query])
+    return Pairs(pairs.query[keep], pairs.item[keep], pairs.label[keep])
+
+
 def with_outliers(pairs: Pairs, rate: float, num_items: int, rng: np.random.Generator) -> Pairs:
     """Replace a ``rate`` share of the pairs' items by random items outside their query's
     candidates (label 1): rejection sampling against sorted int64 codes query * N + item."""
@@ -180,9 +196,12 @@ class PairScorer(torch.nn.Module):
 
     def forward(self, queries: torch.Tensor, items: torch.Tensor, query_of_pair: torch.Tensor,
                 item_of_pair: torch.Tensor) -> torch.Tensor:
+        return self.head.calibrated(self.cosine(queries, items, query_of_pair, item_of_pair))
+
+    def cosine(self, queries: torch.Tensor, items: torch.Tensor, query_of_pair: torch.Tensor,
+               item_of_pair: torch.Tensor) -> torch.Tensor:
         vectors = self.head(torch.cat([queries, items]))
-        cosine = F.cosine_similarity(vectors[:len(queries)][query_of_pair], vectors[len(queries):][item_of_pair], dim=-1)
-        return self.head.calibrated(cosine)
+        return F.cosine_similarity(vectors[:len(queries)][query_of_pair], vectors[len(queries):][item_of_pair], dim=-1)
 
 
 def batch_logits(scorer, fq: torch.Tensor, fi: torch.Tensor, query: np.ndarray, item: np.ndarray) -> torch.Tensor:
@@ -192,6 +211,27 @@ def batch_logits(scorer, fq: torch.Tensor, fi: torch.Tensor, query: np.ndarray, 
     device = fq.device
     return scorer(fq[torch.from_numpy(uq).to(device)], fi[torch.from_numpy(ui).to(device)],
                   torch.from_numpy(qi).to(device), torch.from_numpy(ii).to(device))
+
+
+@torch.no_grad()
+def calibrate(head: AttributionHead, fq: torch.Tensor, fi: torch.Tensor, pairs: "Pairs", sample: int = 20_000,
+              steps: int = 50) -> None:
+    """Fit the scalar scale and bias of ``z = scale * cos + bias`` to the labels of a sample of pairs
+    (Newton steps on the 2-parameter logistic loss) before training: the head starts with the right
+    orientation and spread, instead of spending thousands of steps moving two scalars."""
+    head.eval()
+    rows = np.random.default_rng(0).permutation(len(pairs.label))[:sample]
+    cosine = PairScorer(head).cosine(fq, fi, torch.from_numpy(pairs.query[rows]).to(fq.device),
+                                     torch.from_numpy(pairs.item[rows]).to(fq.device))
+    x = torch.stack([cosine.double(), torch.ones_like(cosine, dtype=torch.float64)], dim=1)
+    y = torch.from_numpy(pairs.label[rows]).to(x)
+    theta = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for _ in range(steps):
+        p = torch.sigmoid(x @ theta)
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-6 * torch.eye(2, dtype=x.dtype, device=x.device)
+        theta -= torch.linalg.solve(hessian, x.T @ (p - y))
+    head.scale.fill_(float(theta[0]))
+    head.bias.fill_(float(theta[1]))
 
 
 @torch.no_grad()
@@ -232,11 +272,16 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     torch.manual_seed(config.seed)
     head = AttributionHead(base.feature_dim, config.head.hidden, config.head.out, config.head.depth,
                            config.head.dropout).to(device)
+    calibration_rng = np.random.default_rng([config.seed, 2**31])
+    calibrate(head, fq, fi, with_outliers(subsample(pairs, config.pairs_per_query, calibration_rng),
+                                          config.outlier_rate, len(data.train_keys), calibration_rng))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
     checkpoint_path = out / "checkpoint.pt"
-    state = {"epoch": 0, "best": -float("inf"), "best_epoch": 0, "history": []}
-    best_head = {k: v.clone() for k, v in head.state_dict().items()}
+    # Epoch 0 is the initial head: training is kept only where it beats it on validation.
+    initial = validation_spearman(head, data, val_q, fq, fi)
+    state = {"epoch": 0, "best": initial, "best_epoch": 0, "initial_val_spearman": initial, "history": []}
+    best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
     settings = _settings(config, data)
     if checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)  # never unpickles objects
@@ -253,7 +298,8 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     for epoch in range(state["epoch"], config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)  # dropout
-        epoch_pairs = with_outliers(pairs, config.outlier_rate, len(data.train_keys), rng)
+        epoch_pairs = with_outliers(subsample(pairs, config.pairs_per_query, rng), config.outlier_rate,
+                                    len(data.train_keys), rng)
         order = rng.permutation(len(epoch_pairs.label))
         scorer.train()
         total, seen, start = 0.0, 0, time.perf_counter()
@@ -296,8 +342,10 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
         save_yaml(_tuned_spec(base.spec, spec_path.parent, out, config.name), tuned)
         atomic_write_text(out / "train.json", json.dumps({
             "settings": settings, "best_epoch": state["best_epoch"], "best_val_spearman": state["best"],
+            "initial_val_spearman": state["initial_val_spearman"],
             "history": state["history"], "train_queries": len(train_q), "val_queries": len(val_q),
-            "pairs_per_epoch": len(pairs.label), "backbones": base.backbone_fingerprint,
+            "pairs_per_epoch": len(subsample(pairs, config.pairs_per_query, np.random.default_rng(0)).label),
+            "backbones": base.backbone_fingerprint,
             "manifest": data.meta.get("fingerprints", {}).get("manifest")}, indent=1))
     accelerator.wait_for_everyone()
     return tuned

@@ -17,7 +17,7 @@ from .errors import FastattrError
 class _MLP(nn.Module):
     def __init__(self, in_features: int, hidden: int, out_features: int, depth: int, dropout: float):
         super().__init__()
-        widths = [in_features] + [hidden] * depth
+        widths = [in_features] + [hidden] * depth  # depth 0: the output layer alone, a linear map
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.output_layer = nn.Linear(widths[-1], out_features)
         self.dropout = nn.Dropout(dropout)
@@ -77,13 +77,14 @@ def load_head(path: str | Path) -> AttributionHead:
     path = Path(path)
     state = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
     try:
-        depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("mlp.layers."))
-        first, out = state["mlp.layers.0.weight"], state["mlp.output_layer.weight"]
+        depth = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("mlp.layers.")), default=-1)
+        out = state["mlp.output_layer.weight"]
+        first = state["mlp.layers.0.weight"] if depth else out  # depth 0: one Linear map
     except (KeyError, ValueError):
         raise FastattrError(
             f"{path}: not an attribution head (expected keys mlp.layers.{{i}}.weight, "
             f"mlp.output_layer.weight, scale, bias; found {sorted(state)[:6]}...)") from None
-    head = AttributionHead(first.shape[1], first.shape[0], out.shape[0], depth)
+    head = AttributionHead(first.shape[1], first.shape[0] if depth else out.shape[1], out.shape[0], depth)
     state["scale"] = state["scale"].reshape(())
     state["bias"] = state["bias"].reshape(())
     missing, unexpected = head.load_state_dict(state, strict=False)

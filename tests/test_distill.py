@@ -15,7 +15,7 @@ import yaml
 from fastattr_distill.data import load_dataset
 from fastattr_distill.evaluate import evaluate, method_scores, write_report
 from fastattr_distill.metrics import average_precision, recall_at, spearman
-from fastattr_distill.train import Pairs, load_config, split_queries, train, with_outliers
+from fastattr_distill.train import Pairs, load_config, split_queries, subsample, train, with_outliers
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher.curate import curate, load_job, run_fisher, score_queue
@@ -86,9 +86,23 @@ def test_outliers_come_from_outside_the_query_candidates(dataset):
     assert np.array_equal(again.item, out.item)
 
 
+def test_subsample_draws_a_fresh_share_of_each_query_ranking(dataset):
+    data = load_dataset(dataset)
+    pairs = Pairs.of(data, data.queries("train"))
+    a = subsample(pairs, 5, np.random.default_rng(1))
+    b = subsample(pairs, 5, np.random.default_rng(2))
+    assert np.array_equal(np.bincount(a.query), np.minimum(np.bincount(pairs.query), 5))
+    assert set(zip(a.query, a.item)) <= set(zip(pairs.query, pairs.item))  # labels travel with their pairs
+    lookup = {(q, i): y for q, i, y in zip(pairs.query, pairs.item, pairs.label)}
+    assert all(lookup[(q, i)] == y for q, i, y in zip(a.query, a.item, a.label))
+    assert set(zip(a.query, a.item)) != set(zip(b.query, b.item))
+    assert subsample(pairs, None, np.random.default_rng(1)) is pairs
+
+
 def test_training_writes_a_tuned_encoder_that_loads_and_serves(trained, micro_sandbox):
     history = json.loads((trained.parent / "train.json").read_text())
-    assert len(history["history"]) == 3 and 1 <= history["best_epoch"] <= 3
+    assert len(history["history"]) == 3 and 0 <= history["best_epoch"] <= 3  # 0: the calibrated initial head
+    assert history["best_val_spearman"] >= max(h["val_spearman"] for h in history["history"])
     assert history["history"][-1]["train_loss"] < history["history"][0]["train_loss"]
     encoder = Encoder.from_yaml(trained, device="cpu")
     assert encoder.head is not None and encoder.dim == 16 and encoder.describe()["tuned"]
@@ -111,8 +125,8 @@ def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, mi
 
     def dies_in_epoch_two(*args):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed after epoch 1's checkpoint
+        if calls["n"] == 3:  # the initial head, epoch 1, then killed in epoch 2 (after epoch 1's checkpoint)
+            raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(module, "validation_spearman", dies_in_epoch_two)
