@@ -1,6 +1,6 @@
 """Pick the head's training settings on the validation split (never on the test queries).
 
-    python benchmarks/distill_sweep.py --config datasets/sandbox_distill_1k/distill.yaml
+    python benchmarks/distill_sweep.py --config datasets/sandbox_distill_1k/train.yaml
 
 Trains one head per setting below (each into a temporary folder, all sharing the config's feature
 cache) and prints the best validation Spearman (held-out train queries, over their candidates),

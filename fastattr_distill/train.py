@@ -214,7 +214,7 @@ def batch_logits(scorer, fq: torch.Tensor, fi: torch.Tensor, query: np.ndarray, 
 
 
 @torch.no_grad()
-def calibrate(head: AttributionHead, fq: torch.Tensor, fi: torch.Tensor, pairs: "Pairs", sample: int = 20_000,
+def calibrate(head: AttributionHead, fq: torch.Tensor, fi: torch.Tensor, pairs: Pairs, sample: int = 20_000,
               steps: int = 50) -> None:
     """Fit the scalar scale and bias of ``z = scale * cos + bias`` to the labels of a sample of pairs
     (Newton steps on the 2-parameter logistic loss) before training: the head starts with the right

@@ -27,6 +27,7 @@ import ctypes
 import re
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -249,11 +250,18 @@ class ExactIndex(VectorIndex):
 
     def _top_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers and scores of the k best database rows, scanning the database in blocks."""
+        import torch  # the product runs in torch's thread pool: numpy's OpenBLAS threads, left spinning after
+        # it, slowed the encoder's next forward pass 2.5x on a 2-core machine (attribute(): 34 -> 14 ms)
+
         best_rows = np.empty((len(queries), 0), dtype=np.int64)
         best_scores = np.empty((len(queries), 0), dtype=np.float32)
+        query_tensor = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         for start in range(0, len(self._vectors), self.database_block):
-            block = np.asarray(self._vectors[start:start + self.database_block])
-            scores = np.concatenate([best_scores, queries @ block.T], axis=1)
+            block = np.ascontiguousarray(self._vectors[start:start + self.database_block], dtype=np.float32)
+            with warnings.catch_warnings():  # a viewed (read-only) index is only read here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                products = (query_tensor @ torch.from_numpy(block).T).numpy()
+            scores = np.concatenate([best_scores, products], axis=1)
             rows = np.concatenate([best_rows, np.broadcast_to(np.arange(start, start + len(block)),
                                                               (len(queries), len(block)))], axis=1)
             if scores.shape[1] > k:
