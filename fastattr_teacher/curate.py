@@ -179,19 +179,19 @@ class Plan:
 
     def save(self, path: Path) -> None:
         offsets = np.cumsum([0] + [len(q.candidates) for q in self.queries])
-        with atomic_open(path, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(self.meta)), train_keys=self.train_keys, train_ids=self.train_ids,
-                     query_id=np.array([q.qid for q in self.queries]),
-                     split=np.array([q.split for q in self.queries]),
-                     prompt=np.array([q.prompt for q in self.queries]),
-                     seed=np.array([q.seed for q in self.queries], dtype=np.int64),
-                     cand_offsets=offsets.astype(np.int64),
-                     cand_pos=np.concatenate([q.candidates for q in self.queries]).astype(np.int64))
+        with atomic_open(path, "wb") as f:  # compressed: whole-set plans hold N positions per query
+            np.savez_compressed(
+                f, meta=np.array(json.dumps(self.meta)), train_keys=self.train_keys, train_ids=self.train_ids,
+                query_id=np.array([q.qid for q in self.queries]), split=np.array([q.split for q in self.queries]),
+                prompt=np.array([q.prompt for q in self.queries]),
+                seed=np.array([q.seed for q in self.queries], dtype=np.int64), cand_offsets=offsets.astype(np.int64),
+                cand_pos=np.concatenate([q.candidates for q in self.queries]).astype(np.int32))  # < 2^31 items
 
     @classmethod
     def load(cls, path: Path) -> "Plan":
         with np.load(path, allow_pickle=False) as z:
             off, pos = z["cand_offsets"], z["cand_pos"]
+            pos = pos.astype(np.int64)
             queries = [Query(str(qid), str(split), str(prompt), int(seed), pos[off[i]:off[i + 1]])
                        for i, (qid, split, prompt, seed) in enumerate(zip(z["query_id"], z["split"], z["prompt"],
                                                                             z["seed"]))]
