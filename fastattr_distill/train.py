@@ -314,7 +314,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            total += float(loss) * len(batch) / world
+            total += float(loss.detach()) * len(batch) / world
             seen += len(mine)
             bar.update(min(config.batch_size, len(order) - begin))
             bar.set_postfix(loss=f"{total / seen:.4f}", pairs_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
