@@ -142,8 +142,6 @@ def load_job(path: str | Path) -> CurationJob:
     for name in job.variants:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise FastattrError(f"{path}: key 'variants.{name}': names may use letters, digits, '_' and '-' only")
-        if not isinstance(job.variants[name], dict):
-            raise FastattrError(f"{path}: key 'variants.{name}' must be a mapping of teacher keys")
         try:
             job.teacher_config(name)
         except FastattrError as exc:
