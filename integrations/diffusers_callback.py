@@ -50,53 +50,82 @@ def expand_prompts(prompt: str | Sequence[str], batch_size: int) -> list[str]:
     return [p for p in prompts for _ in range(per_prompt)]
 
 
-@torch.no_grad()
-def decode_latents(pipeline, latents: torch.Tensor) -> list:
-    """Final latents -> PIL images, following the pipeline family's own recipe."""
+FAMILIES = (("StableDiffusion3", "sd3"), ("StableDiffusionXL", "sdxl"), ("StableDiffusion", "sd"), ("Flux", "flux"))
+
+
+def pipeline_family(pipeline) -> str:
+    """Which decode recipe a pipeline class follows: checked before generation, so an unsupported
+    pipeline never costs an image."""
     name = type(pipeline).__name__
-    vae = getattr(pipeline, "vae", None)
-    processor = getattr(pipeline, "image_processor", None)
-    if vae is None or processor is None or not name.startswith("StableDiffusion"):
+    family = next((f for prefix, f in FAMILIES if name.startswith(prefix)), None)
+    if family is None or getattr(pipeline, "vae", None) is None or getattr(pipeline, "image_processor", None) is None:
         raise FastattrError(
-            f"AttributionCallback cannot decode latents of {name}; supported: Stable Diffusion 1.x/2.x, SDXL and "
-            "the sandbox pipeline. For other pipelines, attribute the returned images with "
+            f"AttributionCallback cannot decode latents of {name}; supported: Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, "
+            "Flux and the sandbox pipeline. For other pipelines, attribute the returned images with "
             "Attributor.attribute(images, prompts) or use with_attribution(pipe, ...)")
+    return family
+
+
+def flux_size(pipeline, latents: torch.Tensor, height: int | None, width: int | None) -> tuple[int, int]:
+    """The pixel size Flux's packed latents [B, (H/2f)(W/2f), 4C] unpack to: the size given to the
+    pipeline, or for square images the one the sequence length implies."""
+    patches, cell = latents.shape[1], 2 * pipeline.vae_scale_factor
+    if height is None and width is None:
+        side = round(patches ** 0.5)
+        if side * side != patches:
+            raise FastattrError(f"the Flux latents hold {patches} patches, not a square image: pass the pipeline's "
+                                f"height= and width= to AttributionCallback")
+        return side * cell, side * cell
+    if height is None or width is None or (height // cell) * (width // cell) != patches:
+        raise FastattrError(f"height={height}, width={width} do not match the Flux latents ({patches} patches of "
+                            f"{cell}x{cell} pixels): pass the height and width the pipeline was called with")
+    return height, width
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents: torch.Tensor, height: int | None = None, width: int | None = None) -> list:
+    """Final latents -> PIL images, following the pipeline family's own recipe (``height`` and
+    ``width`` matter only for Flux's packed latents)."""
+    family = pipeline_family(pipeline)
+    vae = pipeline.vae
     config = vae.config
-    if "XL" in name:
-        needs_upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
-        dtype = torch.float32 if needs_upcast else vae.dtype
-        latents = latents.to(dtype)
-        if needs_upcast:
-            vae = vae.to(torch.float32)
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        if needs_upcast:
-            vae.to(torch.float16)
+    needs_upcast = family == "sdxl" and vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+    latents = latents.to(torch.float32 if needs_upcast else vae.dtype)
+    if needs_upcast:
+        vae = vae.to(torch.float32)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if family == "flux":
+        latents = pipeline._unpack_latents(latents, *flux_size(pipeline, latents, height, width), pipeline.vae_scale_factor)
+    if family == "sdxl" and mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / config.scaling_factor + mean
+    elif family in ("sd3", "flux"):  # these VAEs shift as well as scale
+        latents = latents / config.scaling_factor + config.shift_factor
     else:
-        images = vae.decode(latents.to(vae.dtype) / config.scaling_factor, return_dict=False)[0]
-    return processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(images))
+        latents = latents / config.scaling_factor
+    images = vae.decode(latents, return_dict=False)[0]
+    if needs_upcast:
+        vae.to(torch.float16)
+    return pipeline.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(images))
 
 
 class AttributionCallback(PipelineCallback):
     """Attributes the final images at the last step; results in ``self.attributions`` (batch order).
 
     ``prompt`` must be what the pipeline was called with (diffusers does not pass it to
-    callbacks); negative prompts play no part in attribution.
+    callbacks); negative prompts play no part in attribution. ``height`` and ``width`` are needed
+    only for non-square Flux images (Flux's packed latents do not record them).
     """
 
     tensor_inputs = ["latents"]
 
     def __init__(self, attributor: Attributor | str | Path, prompt: str | Sequence[str] | None = None, k: int = 10,
-                 device: str | None = None):
+                 device: str | None = None, height: int | None = None, width: int | None = None):
         super().__init__()
         self.attributor = _attributor(attributor, device)
         self.prompt, self.k = prompt, check_k(k, self.attributor)
+        self.height, self.width = height, width
         self.attributions: list[Attribution] = []
         self.images: list = []
 
@@ -105,9 +134,11 @@ class AttributionCallback(PipelineCallback):
             if self.prompt is None:
                 raise FastattrError("AttributionCallback needs the prompt: AttributionCallback(bundle, prompt=...)")
             expand_prompts(self.prompt, len(callback_kwargs["latents"]))
+            if pipeline_family(pipeline) == "flux":
+                flux_size(pipeline, callback_kwargs["latents"], self.height, self.width)
         if step_index == pipeline.num_timesteps - 1:
             latents = callback_kwargs["latents"]
-            self.images = decode_latents(pipeline, latents)
+            self.images = decode_latents(pipeline, latents, self.height, self.width)
             self.attributions = self.attributor.attribute(self.images, expand_prompts(self.prompt, len(latents)),
                                                           k=self.k)
         return callback_kwargs
@@ -139,10 +170,12 @@ class AttributedPipeline:
                                 "cannot be attributed)")
         output_type = kwargs.get("output_type", "pil")
         return_dict = kwargs.get("return_dict", True)
+        if output_type == "latent":
+            pipeline_family(self.pipeline)  # before generating
         output = self.pipeline(prompt, *args, **kwargs)
         images = output.images if return_dict else output[0]
         if output_type == "latent":
-            images = decode_latents(self.pipeline, images)
+            images = decode_latents(self.pipeline, images, kwargs.get("height"), kwargs.get("width"))
         elif output_type == "pt":
             images = list(images.permute(0, 2, 3, 1).float().cpu())
         attributions = self.attributor.attribute(list(images), expand_prompts(prompt, len(images)), k=self.k)

@@ -89,12 +89,93 @@ def test_batch_order_with_several_prompts_and_images_per_prompt(tiny_sd, attribu
 
 
 def test_unsupported_pipeline_family_is_a_clear_error(attributor):
-    class FluxPipeline:
+    class KandinskyPipeline:
         num_timesteps = 1
 
     callback = AttributionCallback(attributor, prompt="x")
-    with pytest.raises(FastattrError, match="cannot decode latents of FluxPipeline"):
-        callback(FluxPipeline(), 0, 0, {"latents": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(FastattrError, match="cannot decode latents of KandinskyPipeline"):
+        callback(KandinskyPipeline(), 0, 0, {"latents": torch.zeros(1, 4, 8, 8)})
+
+
+def _clip_parts(tmp_path_factory, hidden: int = 32):
+    tokenizer = models.load_tokenizer(models.write_tokenizer_files(tmp_path_factory.mktemp("tok")))
+    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.eos_token_id, hidden_size=hidden, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=2, projection_dim=hidden, vocab_size=len(tokenizer),
+                            max_position_embeddings=tokenizer.model_max_length)
+    return tokenizer, config
+
+
+def _shifted_vae(latent_channels: int):
+    # shift_factor and scaling_factor as in diffusers' own SD3/Flux test recipes: decoding without the shift is wrong
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """diffusers' tiny StableDiffusion3Pipeline test recipe, offline (without the optional T5 encoder)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, config = _clip_parts(tmp_path_factory)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                        pooled_projection_dim=64, out_channels=4)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_shifted_vae(4),
+                                    text_encoder=CLIPTextModelWithProjection(config), tokenizer=tokenizer,
+                                    text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """diffusers' tiny FluxPipeline test recipe, offline (the T5 encoder reads our own small vocabulary)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer, config = _clip_parts(tmp_path_factory)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_shifted_vae(1),
+                        text_encoder=CLIPTextModel(config), tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
+def test_callback_decodes_sd3_and_flux_exactly_like_the_pipeline(family, request, attributor):
+    pipe = request.getfixturevalue(family)
+    size = {"height": 16, "width": 24}  # not square: Flux's packed latents need the size
+    extra = {"max_sequence_length": 16} if family == "tiny_flux" else {}
+    prompts = ["a red circle", "a blue ring"]
+    plain = _run(pipe, prompts, **size, **extra)
+    callback = AttributionCallback(attributor, prompt=prompts, k=3, **size)
+    assert np.array_equal(plain, _run(pipe, prompts, callback_on_step_end=callback, **size, **extra))
+    decoded = np.stack([np.asarray(i) for i in callback.images])
+    assert decoded.shape == (2, 16, 24, 3)
+    assert np.abs(decoded.astype(int) - np.round(plain * 255).astype(int)).max() <= 1  # the shift factor applied
+    expected = attributor.attribute(callback.images, prompts, k=3)
+    assert [[c.id for c in a.credits] for a in callback.attributions] == [[c.id for c in a.credits] for a in expected]
+    latents = with_attribution(pipe, attributor, k=3)(prompts, num_inference_steps=3, output_type="latent",
+                                                       generator=torch.Generator().manual_seed(0), **size, **extra)
+    assert [[c.id for c in a.credits] for a in latents.attributions] == [[c.id for c in a.credits] for a in expected]
+
+
+def test_flux_without_its_size_stops_at_the_first_step(tiny_flux, attributor):
+    callback = AttributionCallback(attributor, prompt="a red circle", k=2)
+    with pytest.raises(FastattrError, match="pass the pipeline's height= and width="):
+        _run(tiny_flux, ["a red circle"], height=16, width=24, max_sequence_length=16, callback_on_step_end=callback)
+    square = AttributionCallback(attributor, prompt="a red circle", k=2)  # square images need no size
+    _run(tiny_flux, ["a red circle"], height=16, width=16, max_sequence_length=16, callback_on_step_end=square)
+    assert square.images[0].size == (16, 16) and len(square.attributions[0].credits) == 2
 
 
 def test_wrapper_on_the_sandbox_pipeline(micro_pipeline, attributor, tmp_path):
