@@ -3,8 +3,8 @@
     python benchmarks/distill_sweep.py --config datasets/sandbox_distill_1k/train.yaml
 
 Trains one head per setting below (each into a temporary folder, all sharing the config's feature
-cache) and prints the best validation Spearman (held-out train queries, over their candidates),
-the epoch it came at, the training seconds and the validation Spearman after every epoch.
+cache) and prints the best validation mAP(top 0.85%) (held-out train queries, over their candidates),
+the epoch it came at, the training seconds and the validation mAP after every epoch.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def main() -> None:
             spec = train(config, args.config)
             seconds = time.perf_counter() - start
             report = json.loads((spec.parent / "train.json").read_text())
-        curve = " ".join(f"{h['val_spearman']:.3f}" for h in report["history"])
-        print(f"{name:<46} best validation Spearman {report['best_val_spearman']:.4f} at epoch "
+        curve = " ".join(f"{h['val_map']:.3f}" for h in report["history"])
+        print(f"{name:<46} best validation mAP {report['best_val_map']:.4f} at epoch "
               f"{report['best_epoch']}/{config.epochs} ({seconds:.0f} s); by epoch: {curve}", flush=True)
 
 

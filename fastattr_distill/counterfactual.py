@@ -19,6 +19,7 @@ cached, then tables with paired 95% confidence intervals, JSON + markdown + PNG)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -142,8 +143,14 @@ def load_plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> di
     if meta["settings"] != _settings(job):
         changed = sorted(k for k in meta["settings"] if meta["settings"][k] != _settings(job).get(k))
         raise FastattrError(f"{config_path}: key '{changed[0]}' differs from the plan in {job.out}; use a new 'out'")
-    if load_dataset(job.dataset).fingerprint != meta["dataset"]:
+    data = load_dataset(job.dataset)
+    if data.fingerprint != meta["dataset"]:
         raise FastattrError(f"{job.dataset}: changed since the plan was made; plan again into a new 'out'")
+    from fastattr_teacher.adapter import UNetAdapter
+
+    if UNetAdapter.from_pretrained(pipeline_dir(data)).fingerprint() != meta["model"]:
+        raise FastattrError(f"{pipeline_dir(data)}: the model changed since the plan in {job.out} was made "
+                            f"(fingerprint); plan again into a new 'out'")
     return meta
 
 
@@ -227,8 +234,23 @@ def retrain(job: CounterfactualJob, frozen: _Frozen, removed: list[int], work: P
     return unet.eval()
 
 
-def model_path(job: CounterfactualJob, run: str) -> Path:
-    return Path(job.out) / "models" / f"{run}.safetensors"
+def run_stem(meta: dict, run: str) -> str:
+    """A run's file name: its name and a digest of the items it removes, so that planning again
+    (e.g. after a new head changed the tuned rankings) retrains only the runs whose removals changed."""
+    return f"{run}-{hashlib.sha256(json.dumps(meta['runs'][run]).encode()).hexdigest()[:12]}"
+
+
+def model_path(job: CounterfactualJob, meta: dict, run: str) -> Path:
+    return Path(job.out) / "models" / f"{run_stem(meta, run)}.safetensors"
+
+
+def result_path(job: CounterfactualJob, meta: dict, run: str) -> Path:
+    return Path(job.out) / "results" / f"{run_stem(meta, run)}.npz"
+
+
+def done(job: CounterfactualJob, meta: dict, run: str) -> bool:
+    """Measured (results are small and committed) or at least trained (models are not)."""
+    return result_path(job, meta, run).is_file() or model_path(job, meta, run).is_file()
 
 
 def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> list[str]:
@@ -240,7 +262,7 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
 
     rank, world, _, launched = distributed()
     meta = load_plan(job, config_path)
-    mine = [run for run in list(meta["runs"])[rank::world] if not model_path(job, run).is_file()]
+    mine = [run for run in list(meta["runs"])[rank::world] if not done(job, meta, run)]
     if not mine:
         return []
     data = load_dataset(job.dataset)
@@ -249,11 +271,11 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     by_id = {item.id: item for item in read_training_items(data.manifest)}
     frozen = _Frozen(pipe, [by_id[str(i)] for i in data.train_ids], device)
     for run in mine:
-        unet = retrain(job, frozen, meta["runs"][run], Path(job.out) / "work" / run, f"retrain {run}")
+        unet = retrain(job, frozen, meta["runs"][run], Path(job.out) / "work" / run_stem(meta, run), f"retrain {run}")
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
         from fastattr_hook._io import atomic_write_bytes
 
-        atomic_write_bytes(model_path(job, run), save(state))
+        atomic_write_bytes(model_path(job, meta, run), save(state))
         log.info("%s: retrained without %d items", run, len(meta["runs"][run]))
     return mine
 
@@ -271,7 +293,7 @@ def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict
     from fastattr_teacher.adapter import UNetAdapter, load_pipeline
 
     meta = load_plan(job, config_path)
-    missing = [run for run in meta["runs"] if not model_path(job, run).is_file()]
+    missing = [run for run in meta["runs"] if not done(job, meta, run)]
     if missing:
         raise FastattrError(f"{job.out}: {len(missing)} runs are not trained yet (e.g. {missing[0]}); run "
                             f"`fastattr distill counterfactual train --config {config_path}`")
@@ -281,12 +303,12 @@ def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict
     adapter = UNetAdapter(pipe, device)
     results = {}
     for run in tqdm(meta["runs"], desc="measure runs", unit="run"):
-        path = Path(job.out) / "results" / f"{run}.npz"
+        path = result_path(job, meta, run)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 results[run] = {name: z[name] for name in z.files}
             continue
-        pipe.unet.load_state_dict(load_file(model_path(job, run)))
+        pipe.unet.load_state_dict(load_file(model_path(job, meta, run)))
         queries = meta["queries"] if run == "reference" else [_query_of(data, run)]
         losses, images = [], []
         for q in queries:
