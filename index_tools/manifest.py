@@ -27,14 +27,16 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable, Iterator, Mapping, TextIO
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from fastattr_hook._io import sha256_file
@@ -56,6 +58,11 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PARQUET_BATCH_ROWS = 4096
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".tar": "tar"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Read limits: one hostile row must never exhaust memory or hang a build (each is a rejected row).
+MAX_TEXT_CHARS = 100_000  # any text value; the same in every format (CSV's own field limit is 131,072)
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 64 * 2**20  # decoded pixels; checked from the header, before decoding
+MAX_ASPECT = 32  # longest side / shortest side: the encoders resize the shortest side up to ~224
 
 
 class RowRejected(Exception):
@@ -115,8 +122,9 @@ class ManifestRow:
                 )
         try:
             with Image.open(io.BytesIO(data)) as image:
+                self._check_size(*image.size)
                 image.load()
-                return image.convert("RGB")
+                return as_rgb(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else exc
             raise RowRejected(
@@ -124,6 +132,14 @@ class ManifestRow:
                 f"{self.source}: image {self.image_ref} cannot be decoded ({detail}); "
                 f"re-download or re-encode it, or remove the row",
             ) from None
+
+    def _check_size(self, width: int, height: int) -> None:
+        """From the header alone: a decompression bomb or a 3,000,000 x 1 strip (whose resize to the
+        encoder's 224-pixel short side would need gigabytes) is a rejected row, not a MemoryError."""
+        if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+            raise RowRejected("corrupt_image", f"{self.source}: image {self.image_ref} is {width} x {height} pixels "
+                                               f"(at most {MAX_IMAGE_PIXELS >> 20} Mpixels and an aspect ratio of "
+                                               f"{MAX_ASPECT}:1); crop or resize it, or remove the row")
 
     def _read_bytes(self) -> bytes:
         if self.tar_span is None:
@@ -142,11 +158,35 @@ class ManifestRow:
         return data
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB the way a viewer shows the image: EXIF orientation applied, 16- and 32-bit
+    greyscale scaled down (Pillow's own ``convert`` clips them to white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
+        image = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def _read_file(path: str, source: str, what: str, fix: str, offset: int = 0, size: int = -1) -> bytes:
+    """At most ``MAX_IMAGE_BYTES`` of a regular file. Opened non-blocking and checked with fstat, so a
+    FIFO, a device (``/dev/zero``) or a folder is a rejected row, never a hang."""
+    if "\x00" in path:
+        raise RowRejected("bad_row", f"{source}: the {what} path contains a NUL byte; fix the path or remove the row")
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RowRejected("unreadable_image", f"{source}: {what} {path} is not a regular file; point the "
+                                                      f"row at an image file or remove it")
             f.seek(offset)
-            return f.read(size)
+            limit = MAX_IMAGE_BYTES if size < 0 else min(size, MAX_IMAGE_BYTES + 1)
+            data = f.read(limit + 1 if size < 0 else limit)
+            if len(data) > MAX_IMAGE_BYTES:
+                raise RowRejected("unreadable_image", f"{source}: {what} {path} is larger than "
+                                                      f"{MAX_IMAGE_BYTES >> 20} MiB; shrink it or remove the row")
+            return data
     except FileNotFoundError:
         raise RowRejected(
             "missing_image",
@@ -229,9 +269,10 @@ def _iter_jsonl(path: Path) -> Iterator[ManifestRow | Rejection]:
             source = f"{path.name}:{number}"
             try:
                 fields = json.loads(line)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
+                detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
                 yield Rejection(number, source, None, "bad_row",
-                                f"{source}: not valid JSON ({exc}); fix the line or remove it")
+                                f"{source}: not valid JSON ({detail}); fix the line or remove it")
                 continue
             if not isinstance(fields, dict):
                 yield Rejection(number, source, None, "bad_row",
@@ -243,8 +284,9 @@ def _iter_jsonl(path: Path) -> Iterator[ManifestRow | Rejection]:
 
 def _csv_header(path: Path) -> list[str]:
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), None)
+        with open(path, "rb") as f:  # only the first line: a bad byte further down is that row's problem
+            first = f.readline(MAX_TEXT_CHARS)
+        header = next(csv.reader([first.decode("utf-8-sig")]), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FastattrError(f"{path}: cannot read the CSV header ({exc}); save it as UTF-8 CSV") from None
     header = [name.strip() for name in header or []]
@@ -258,33 +300,62 @@ def _csv_header(path: Path) -> list[str]:
     return header
 
 
+class _Lines:
+    """A file's lines with push-back, so that the CSV reader can parse lines again."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file, self.pushed, self.taken = file, deque(), []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.pushed.popleft() if self.pushed else next(self.file)
+        self.taken.append(line)
+        return line
+
+
+def _swallowed_rows(values: list[str], width: int) -> bool:
+    """A quoted field whose later lines parse as whole records: an unclosed quote took them."""
+    return any(len(next(csv.reader([line]), [])) == width for v in values for line in v.splitlines()[1:])
+
+
 def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    # Bytes that are not UTF-8 decode to lone surrogates, rejected with their row by ``_check_text``.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        lines = _Lines(f)
+        reader = csv.reader(lines)
         next(reader)  # the header, checked by _csv_header
+        number = 2  # first line of the next record (records may span lines)
         while True:
-            number = reader.line_num + 1  # first line of the next record (records may span lines)
             source = f"{path.name}:{number}"
+            lines.taken = []
             try:
                 values = next(reader)
             except StopIteration:
                 return
-            except UnicodeDecodeError:
-                raise FastattrError(
-                    f"{source}: not UTF-8 text; re-save the manifest as UTF-8"
-                ) from None
             except csv.Error as exc:
                 yield Rejection(number, source, None, "bad_row",
                                 f"{source}: not valid CSV ({exc}); fix the quoting or remove the row")
+                number += max(1, len(lines.taken))
                 continue
+            span = len(lines.taken)
+            if span > 1 and _swallowed_rows(values, len(header)):
+                lines.pushed.extendleft(reversed(lines.taken[1:]))  # read those lines again as their own rows
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: a quote opened here is not closed (the field ran over {span - 1} more "
+                                f"lines); close the quote or remove the row")
+                number += 1
+                continue
+            number += span
             if not values:
                 continue  # blank line
             if len(values) != len(header):
-                yield Rejection(number, source, None, "bad_row",
+                yield Rejection(number - span, source, None, "bad_row",
                                 f"{source}: {len(values)} fields but the header has {len(header)}; "
                                 f"quote fields that contain commas, or remove the row")
                 continue
-            yield _file_row(dict(zip(header, values)), number, source, path.parent)
+            yield _file_row(dict(zip(header, values)), number - span, source, path.parent)
 
 
 def _parquet_file(path: Path) -> Any:
@@ -357,8 +428,8 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     yield key, parts
                 key, parts = member_key, {}
             extension = extension.lower()
-            if extension in ("txt", "json"):
-                parts[extension] = tar.extractfile(member).read()
+            if extension in ("txt", "json"):  # capped: a huge member becomes a too-long caption, not a MemoryError
+                parts[extension] = tar.extractfile(member).read(4 * MAX_TEXT_CHARS + 1)
             elif extension in IMAGE_EXTENSIONS and "image" not in parts:
                 parts["image"] = member
         if key is not None:
@@ -401,8 +472,9 @@ def _tar_json(data: bytes | None, source: str) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(data)
-    except ValueError as exc:
-        raise RowRejected("bad_row", f"{source}: metadata .json is not valid JSON ({exc}); "
+    except (ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise RowRejected("bad_row", f"{source}: metadata .json is not valid JSON ({detail}); "
                                      f"fix it or drop the sample") from None
     if not isinstance(meta, dict):
         raise RowRejected("bad_row", f"{source}: metadata .json is not a JSON object; "
@@ -471,15 +543,36 @@ def _text(fields: Mapping[str, Any], name: str, source: str, required: bool = Fa
         raise RowRejected("bad_row", f"{source}: '{name}' must be text, got {type(value).__name__}; "
                                      f"fix the value or remove the row")
     text = None if value is None else str(value).strip() or None
+    if text is not None:
+        _check_text(text, name, source)
     if text is None and required:
         raise RowRejected("bad_row", f"{source}: missing '{name}'; fill it in or remove the row")
     return text
+
+
+def _check_text(text: str, name: str, source: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise RowRejected("bad_row", f"{source}: '{name}' is {len(text):,} characters (at most {MAX_TEXT_CHARS:,}); "
+                                     f"shorten it or remove the row")
+    if "\x00" in text:
+        raise RowRejected("bad_row", f"{source}: '{name}' contains a NUL byte; fix the value or remove the row")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: a JSON "\ud800" escape, or a byte that was not UTF-8
+        bad = text[exc.start]
+        what = f"the byte 0x{ord(bad) - 0xDC00:02X}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise RowRejected("bad_row", f"{source}: '{name}' is not valid UTF-8 text ({what} at character "
+                                     f"{exc.start}); re-save the manifest as UTF-8 or fix the value") from None
 
 
 def _id_or_none(fields: Mapping[str, Any]) -> str | None:
     """The id for a rejects record, when the row has a usable one."""
     value = fields.get("id")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    try:
+        _check_text(str(value), "id", "")
+    except RowRejected:
         return None
     return str(value).strip() or None
 

@@ -1,0 +1,232 @@
+"""One bad row never kills, hangs or exhausts a build: a corpus of hostile rows, each in every
+manifest format it can be written in, each asserting its named outcome (issue 15)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index_tools.manifest import MAX_TEXT_CHARS, ManifestRow, Rejection, RowRejected, iter_manifest
+
+
+def png(size=(8, 8), mode="RGB", color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _images(folder: Path) -> dict[str, str]:
+    """Hostile image files; the keys name them in the cases below."""
+    folder.mkdir(exist_ok=True)
+    (folder / "good.png").write_bytes(png())
+    (folder / "strip.png").write_bytes(png((3_000_000, 1), mode="1"))  # a few KB, 3 Mpixels, aspect 3,000,000:1
+    (folder / "bomb.png").write_bytes(png((9000, 9000), mode="1"))  # 81 Mpixels from a small file
+    with open(folder / "huge.png", "wb") as f:
+        f.truncate(65 * 2**20)  # sparse: 65 MiB of zeros, larger than any image we read
+    (folder / "folder.png").mkdir(exist_ok=True)
+    fifo = folder / "fifo.png"
+    if hasattr(os, "mkfifo") and not fifo.exists():
+        os.mkfifo(fifo)
+    return {name: str(folder / name) for name in ("good.png", "strip.png", "bomb.png", "huge.png", "folder.png",
+                                                  "fifo.png")} | {"dev-zero": "/dev/zero"}
+
+
+# (case, fields of the row, reason, words of the message). Text values go through every format.
+TEXT_CASES = [
+    ("nul-in-path", {"image": "good\x00.png"}, "bad_row", "NUL byte"),
+    ("nul-in-caption", {"caption": "a red\x00 circle"}, "bad_row", "NUL byte"),
+    ("surrogate-id", {"id": "x\ud800"}, "bad_row", "UTF-8"),
+    ("surrogate-creator", {"creator": "Ana \udcff"}, "bad_row", "UTF-8"),
+    ("surrogate-caption", {"caption": "a \ud83d circle"}, "bad_row", "UTF-8"),
+    ("long-caption", {"caption": "a" * (MAX_TEXT_CHARS + 1)}, "bad_row", "characters (at most"),
+    ("long-id", {"id": "i" * (MAX_TEXT_CHARS + 1)}, "bad_row", "characters (at most"),
+    ("empty-caption", {"caption": "   "}, "empty_caption", "caption is empty"),
+    ("missing-id", {"id": ""}, "bad_row", "missing 'id'"),
+    ("bad-sha", {"sha256": "xyz"}, "bad_row", "not 64 hex digits"),
+]
+IMAGE_CASES = [
+    ("fifo", "fifo.png", "unreadable_image", "not a regular file"),
+    ("dev-zero", "dev-zero", "unreadable_image", "not a regular file"),
+    ("folder", "folder.png", "unreadable_image", "cannot read image"),
+    ("huge-file", "huge.png", "unreadable_image", "larger than 64 MiB"),
+    ("strip", "strip.png", "corrupt_image", "aspect ratio"),
+    ("bomb", "bomb.png", "corrupt_image", "Mpixels"),
+    ("missing", "nope.png", "missing_image", "not found"),
+]
+JSON_ONLY_CASES = [  # raw lines: what only a JSON line can carry
+    ("deep-nesting", '{"id": "deep", "image": "good.png", "caption": "x", "extra": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "bad_row", "nested too deeply"),
+    ("caption-object", '{"id": "obj", "image": "good.png", "caption": {"text": "x"}}', "bad_row", "must be text"),
+    ("list-row", '["a", "b"]', "bad_row", "expected a JSON object"),
+    ("truncated-line", '{"id": "cut", "image": "good.png", "capt', "bad_row", "not valid JSON"),
+]
+
+
+def _row(case: str, **fields) -> dict:
+    return {"id": case, "image": "good.png", "caption": f"a red circle ({case})", **fields}
+
+
+def _write(fmt: str, folder: Path, rows: list[dict]) -> Path:
+    if fmt == "jsonl":
+        path = folder / "m.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == "csv":
+        path = folder / "m.csv"
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogatepass") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "image", "caption", "creator", "sha256"])
+            for r in rows:
+                writer.writerow([r.get(k, "") for k in ("id", "image", "caption", "creator", "sha256")])
+    else:  # a webdataset shard: image member, .txt caption, .json metadata
+        path = folder / "m.tar"
+        with tarfile.open(path, "w") as tar:
+            for n, r in enumerate(rows):
+                with open(folder / r["image"], "rb") as f:
+                    data = f.read()
+                meta = {k: r[k] for k in ("id", "creator", "sha256") if k in r}
+                for name, payload in ((f"{n:05d}.png", data), (f"{n:05d}.txt", r["caption"].encode("utf-8", "surrogatepass")),
+                                      (f"{n:05d}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _outcome(path: Path) -> list[ManifestRow | Rejection]:
+    out = []
+    for item in iter_manifest(path):
+        if isinstance(item, ManifestRow):
+            try:
+                item.load_image()
+            except RowRejected as exc:
+                item = Rejection(item.row, item.source, item.id, exc.reason, exc.message)
+        out.append(item)
+    return out
+
+
+def _check_between_good_rows(fmt: str, folder: Path, bad: dict, reason: str, words: str) -> None:
+    path = _write(fmt, folder, [_row("before"), bad, _row("after")])
+    first, rejected, last = _outcome(path)
+    assert isinstance(first, ManifestRow) and first.id == "before"
+    assert isinstance(last, ManifestRow) and last.id == "after"  # nothing after the bad row is lost
+    assert isinstance(rejected, Rejection), f"{fmt}: {bad!r} was accepted"
+    assert rejected.reason == reason and words in rejected.message, rejected.message
+    assert rejected.message.startswith(path.name)  # names the file and the row
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _images(tmp_path_factory.mktemp("hostile"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tar"])
+@pytest.mark.parametrize("case, fields, reason, words", TEXT_CASES, ids=[c[0] for c in TEXT_CASES])
+def test_hostile_text_is_one_rejected_row(fmt, case, fields, reason, words, images, tmp_path):
+    if fmt == "tar" and "image" in fields:
+        pytest.skip("a shard locates images by member, not by path")
+    if fmt == "tar" and case == "missing-id":
+        pytest.skip("a shard sample without an id is named by its key")
+    for name in ("good.png",):
+        (tmp_path / name).write_bytes(Path(images[name]).read_bytes())
+    _check_between_good_rows(fmt, tmp_path, _row(case, **fields), reason, words)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("case, image, reason, words", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
+def test_hostile_image_is_one_rejected_row(fmt, case, image, reason, words, images, tmp_path):
+    if image == "fifo.png" and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    _check_between_good_rows(fmt, tmp_path, _row(case, image=images.get(image, str(tmp_path / image))), reason, words)
+
+
+@pytest.mark.parametrize("case, line, reason, words", JSON_ONLY_CASES, ids=[c[0] for c in JSON_ONLY_CASES])
+def test_hostile_json_lines(case, line, reason, words, images, tmp_path):
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([json.dumps(_row("before")), line, json.dumps(_row("after"))]) + "\n")
+    first, rejected, last = _outcome(path)
+    assert (first.id, last.id) == ("before", "after")
+    assert isinstance(rejected, Rejection) and rejected.reason == reason and words in rejected.message
+
+
+def test_a_non_utf8_byte_in_one_csv_row_rejects_that_row_only(images, tmp_path):
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,image,caption\nbefore,good.png,a red circle\nlatin,good.png,caf\xe9\n"
+                     b"after,good.png,a blue ring\n")
+    first, rejected, last = _outcome(path)
+    assert (first.id, last.id) == ("before", "after")
+    assert rejected.row == 3 and "m.csv:3" in rejected.message and "the byte 0xE9" in rejected.message
+
+
+def test_an_unclosed_csv_quote_rejects_its_row_and_keeps_the_rows_it_swallowed(images, tmp_path):
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / "m.csv"
+    path.write_text('id,image,caption\nbefore,good.png,a red circle\nopen,good.png,"an unclosed quote\n'
+                    'next,good.png,a blue ring\nlast,good.png,a green square\n')
+    found = _outcome(path)
+    assert [(type(r).__name__, r.id if isinstance(r, ManifestRow) else r.row) for r in found] == [
+        ("ManifestRow", "before"), ("Rejection", 3), ("ManifestRow", "next"), ("ManifestRow", "last")]
+    assert "quote opened here is not closed" in found[1].message
+    assert [r.row for r in found if isinstance(r, ManifestRow)] == [2, 4, 5]  # line numbers stay right
+
+
+def test_16_bit_greyscale_and_exif_orientation_decode_as_a_viewer_shows_them(tmp_path):
+    grey = np.full((4, 6), 32768, dtype=np.uint16)  # mid grey
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    wide = Image.new("RGB", (6, 4), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 3, 4))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    wide.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    rows = [_row("grey", image="grey16.png"), _row("rotated", image="rotated.jpg")]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grey_row, rotated_row = iter_manifest(path)
+    pixels = np.asarray(grey_row.load_image())
+    assert pixels.shape == (4, 6, 3) and abs(int(pixels.mean()) - 128) <= 1  # not clipped to white
+    shown = rotated_row.load_image()
+    assert shown.size == (4, 6)  # portrait after orientation
+    top = np.asarray(shown)[0].mean(axis=0)
+    assert top[2] > 200 and top[0] < 60  # the blue half is on top after a clockwise turn
+
+
+def test_a_build_with_every_hostile_row_completes(micro_sandbox, images, tmp_path):
+    """The whole corpus in one manifest: the build finishes, indexes the good rows and records
+    every other row in its rejects file with its reason."""
+    from index_tools.build import BuildOptions, build_bundle
+    from index_tools.verify import verify_bundle
+
+    data = micro_sandbox / "data"
+    good = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()[:6]]
+    lines = [json.dumps(dict(r, image=str(data / r["image"]))) for r in good]
+    expected = {}
+    for case, fields, reason, _ in TEXT_CASES:
+        row = _row(case, **fields)
+        row["image"] = str(data / good[0]["image"]) if "image" not in fields else row["image"]
+        lines.append(json.dumps(row))
+        expected[case] = reason
+    for case, image, reason, _ in IMAGE_CASES:
+        lines.append(json.dumps(_row(case, image=images.get(image, str(tmp_path / image)))))
+        expected[case] = reason
+    lines += [line for _, line, _, _ in JSON_ONLY_CASES]
+    manifest = tmp_path / "hostile.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    built = build_bundle(manifest, micro_sandbox / "encoder.yaml", tmp_path / "b",
+                         BuildOptions(progress=False, chunk_size=8, backend="exact"))
+    assert built.items == len(good)
+    rejects = [json.loads(line) for line in (tmp_path / "b" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == len(TEXT_CASES) + len(IMAGE_CASES) + len(JSON_ONLY_CASES)
+    by_row = {r["row"]: r["reason"] for r in rejects}
+    ordered = list(expected.values())
+    assert [by_row[len(good) + 1 + i] for i in range(len(ordered))] == ordered
+    assert verify_bundle(tmp_path / "b").ok
