@@ -34,7 +34,7 @@ from fastattr_hook.errors import FastattrError
 from fastattr_hook.items import ItemStore
 from fastattr_hook.search import create_index, default_backend, load_index
 
-from .manifest import ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
+from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def _embed_chunk(chunk_index: int, rows: list[tuple[int, ManifestRow]], encoder:
                 row = by_seq[seq]
                 records.append({"seq": seq, "id": row.id, "caption": row.caption, "creator": row.creator,
                                 "license": row.license, "source_url": row.source_url, "sha256": row.sha256,
-                                "image": row.image_ref, "thumbnail": base64.b64encode(thumb).decode()})
+                                "image": str(row.image), "thumbnail": base64.b64encode(thumb).decode()})
     stem = work / "chunks" / f"{chunk_index:06d}"
     atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     with atomic_open(stem.with_suffix(".npz")) as f:  # written last: its presence marks the chunk done
@@ -333,8 +333,7 @@ def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[dict], li
 def _item_rows(keys: np.ndarray, rows: list[dict], bundle_dir: Path):
     """Store rows; image references become relative to the bundle so trees can move."""
     for key, r in zip(keys, rows):
-        path, sep, member = r["image"].partition("::")
-        image = os.path.relpath(path, bundle_dir) + sep + member
+        image = str(ImageRef.parse(r["image"]).relative_to(bundle_dir))
         yield (int(key), r["id"], r["caption"], r["creator"], r["license"], r["source_url"], r["sha256"],
                image, base64.b64decode(r["thumbnail"]) or None)
 

@@ -43,6 +43,7 @@ from fastattr_hook._io import sha256_file
 from fastattr_hook.errors import FastattrError
 
 __all__ = [
+    "ImageRef",
     "ManifestRow",
     "ManifestValidator",
     "Rejection",
@@ -87,6 +88,67 @@ class Rejection:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageRef:
+    """Where an item's image bytes live: a file, or a member of a tar shard at a byte span (one
+    seek, not a tar scan). Stored whole as text in a bundle's items store (see ``__str__``)."""
+
+    path: str  # a file, or the shard holding ``member``
+    member: str | None = None
+    span: tuple[int, int] | None = None  # (offset, size) of the member's bytes in the shard
+
+    def __str__(self) -> str:
+        """``path``, or ``shard.tar::member@offset:size``."""
+        if self.member is None:
+            return self.path
+        return f"{self.path}::{self.member}" + (f"@{self.span[0]}:{self.span[1]}" if self.span else "")
+
+    @classmethod
+    def parse(cls, text: str, base: str | Path | None = None) -> ImageRef:
+        """The inverse of ``str``; a relative path is resolved against ``base`` (e.g. the bundle)."""
+        path, sep, rest = text.partition("::")
+        if base is not None and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base, path))
+        if not sep:
+            return cls(path)
+        member, at, span = rest.rpartition("@")
+        if at and re.fullmatch(r"\d+:\d+", span):
+            offset, size = span.split(":")
+            return cls(path, member, (int(offset), int(size)))
+        return cls(path, rest)  # bundles written before spans were stored
+
+    def relative_to(self, base: str | Path) -> ImageRef:
+        return ImageRef(os.path.relpath(self.path, base), self.member, self.span)
+
+    def read(self, source: str) -> bytes:
+        """The image's bytes; every failure is a ``RowRejected`` naming ``source``."""
+        if self.member is None:
+            return _read_file(self.path, source, "image", "relative paths are resolved "
+                              "against the manifest's folder; fix the path or remove the row")
+        if self.span is None:
+            return self._scan(source)
+        offset, size = self.span
+        data = _read_file(self.path, source, "tar shard", "it moved after the manifest was read; "
+                          "restore it or rebuild", offset=offset, size=size)
+        if len(data) != size:
+            raise RowRejected("corrupt_image", f"{source}: member {self.member} is cut short in {self.path} "
+                                               f"(truncated shard); re-download or re-create the shard")
+        return data
+
+    def _scan(self, source: str) -> bytes:
+        _read_file(self.path, source, "tar shard", "restore it or rebuild", size=0)  # the same checks first
+        try:
+            with tarfile.open(self.path, "r:") as tar:
+                member = tar.getmember(self.member)
+                if member.size > MAX_IMAGE_BYTES:
+                    raise RowRejected("unreadable_image", f"{source}: member {self.member} of {self.path} is larger "
+                                                          f"than {MAX_IMAGE_BYTES >> 20} MiB")
+                return tar.extractfile(member).read()
+        except (KeyError, tarfile.TarError, OSError) as exc:
+            raise RowRejected("missing_image", f"{source}: member {self.member} not readable in {self.path} "
+                                               f"({exc}); restore the shard or rebuild") from None
+
+
+@dataclass(frozen=True, slots=True)
 class ManifestRow:
     """One training item. Cheap to hold: the image is only read by ``load_image``."""
 
@@ -98,9 +160,7 @@ class ManifestRow:
     license: str | None
     source_url: str | None
     sha256: str | None
-    image_ref: str  # absolute path, or "<abs shard path>::<member name>"
-    # (offset, size) of a tar member's bytes in its shard, so loading is one seek, not a tar scan.
-    tar_span: tuple[int, int] | None = field(default=None, repr=False)
+    image: ImageRef  # absolute
     more_captions: tuple[str, ...] = ()  # the captions after the first, where the manifest lists several
 
     @property
@@ -110,13 +170,13 @@ class ManifestRow:
 
     def load_image(self) -> Image.Image:
         """The image fully decoded as RGB, so truncated files fail here and not inside a batch."""
-        data = self._read_bytes()
+        data = self.image.read(self.source)
         if self.sha256 is not None:
             actual = hashlib.sha256(data).hexdigest()
             if actual != self.sha256:
                 raise RowRejected(
                     "sha256_mismatch",
-                    f"{self.source}: image {self.image_ref} has sha256 {actual} but the manifest "
+                    f"{self.source}: image {self.image} has sha256 {actual} but the manifest "
                     f"says {self.sha256}; the image changed after the manifest was written: "
                     f"restore the image or fix the sha256, or remove the row",
                 )
@@ -129,7 +189,7 @@ class ManifestRow:
             detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else exc
             raise RowRejected(
                 "corrupt_image",
-                f"{self.source}: image {self.image_ref} cannot be decoded ({detail}); "
+                f"{self.source}: image {self.image} cannot be decoded ({detail}); "
                 f"re-download or re-encode it, or remove the row",
             ) from None
 
@@ -137,26 +197,9 @@ class ManifestRow:
         """From the header alone: a decompression bomb or a 3,000,000 x 1 strip (whose resize to the
         encoder's 224-pixel short side would need gigabytes) is a rejected row, not a MemoryError."""
         if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
-            raise RowRejected("corrupt_image", f"{self.source}: image {self.image_ref} is {width} x {height} pixels "
+            raise RowRejected("corrupt_image", f"{self.source}: image {self.image} is {width} x {height} pixels "
                                                f"(at most {MAX_IMAGE_PIXELS >> 20} Mpixels and an aspect ratio of "
                                                f"{MAX_ASPECT}:1); crop or resize it, or remove the row")
-
-    def _read_bytes(self) -> bytes:
-        if self.tar_span is None:
-            return _read_file(self.image_ref, self.source, "image", "relative paths are resolved "
-                              "against the manifest's folder; fix the path or remove the row")
-        shard, _, member = self.image_ref.rpartition("::")
-        offset, size = self.tar_span
-        data = _read_file(shard, self.source, "tar shard", "it moved after the manifest was read; "
-                          "restore it or rebuild", offset=offset, size=size)
-        if len(data) != size:
-            raise RowRejected(
-                "corrupt_image",
-                f"{self.source}: member {member} is cut short in {shard} (truncated shard); "
-                f"re-download or re-create the shard",
-            )
-        return data
-
 
 def as_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB the way a viewer shows the image: EXIF orientation applied, 16- and 32-bit
@@ -461,8 +504,7 @@ def _tar_row(shard: Path, key: str, parts: dict[str, Any], number: int) -> Manif
         if member is None:
             raise RowRejected("missing_image", f"{source}: sample has no .jpg/.jpeg/.png/.webp "
                                                f"member; add the image or drop the sample")
-        return _build_row(fields, number, source, f"{shard}::{member.name}",
-                          (member.offset_data, member.size))
+        return _build_row(fields, number, source, ImageRef(str(shard), member.name, (member.offset_data, member.size)))
     except RowRejected as exc:
         return Rejection(number, source, _id_or_none(fields), exc.reason, exc.message)
 
@@ -494,13 +536,12 @@ def _file_row(fields: Mapping[str, Any], number: int, source: str, base: Path) -
     """A row of a JSONL/CSV/Parquet manifest, whose ``image`` is a path."""
     try:
         image = _text(fields, "image", source, required=True)
-        return _build_row(fields, number, source, os.path.normpath(os.path.join(base, image)))
+        return _build_row(fields, number, source, ImageRef(os.path.normpath(os.path.join(base, image))))
     except RowRejected as exc:
         return Rejection(number, source, _id_or_none(fields), exc.reason, exc.message)
 
 
-def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: str,
-               tar_span: tuple[int, int] | None = None) -> ManifestRow:
+def _build_row(fields: Mapping[str, Any], number: int, source: str, image: ImageRef) -> ManifestRow:
     ident = _text(fields, "id", source, required=True)
     if "caption" not in fields:
         raise RowRejected("bad_row", f"{source}: missing 'caption'; add a caption or remove the row")
@@ -522,8 +563,7 @@ def _build_row(fields: Mapping[str, Any], number: int, source: str, image_ref: s
         license=_text(fields, "license", source),
         source_url=_text(fields, "source_url", source),
         sha256=sha256,
-        image_ref=image_ref,
-        tar_span=tar_span,
+        image=image,
         more_captions=captions[1:],
     )
 

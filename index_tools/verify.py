@@ -103,17 +103,16 @@ def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_re
 
 def _deep_checks(report: Report, path: Path, manifest, encoder: Encoder, index, vectors, store: ItemStore,
                  sample: int, min_recall: float, seed: int) -> None:
-    from .manifest import ManifestRow, RowRejected
+    from .manifest import ImageRef, ManifestRow, RowRejected
 
     keys = store.sample_keys(sample, seed=seed)
     items = store.get(keys)
     images, texts, failures = [], [], []
     for key in keys:
         item = items[key]
-        image_ref = item.image if Path(item.image).is_absolute() else str(path.resolve() / item.image)
         row = ManifestRow(row=key + 1, source=f"items.sqlite:key {key}", id=item.id, caption=item.caption,
                           creator=item.creator, license=item.license, source_url=item.source_url,
-                          sha256=item.sha256, image_ref=image_ref)
+                          sha256=item.sha256, image=ImageRef.parse(item.image, base=path.resolve()))
         try:
             images.append(row.load_image())
             texts.append(item.caption)

@@ -124,15 +124,47 @@ def test_attributor_is_thread_safe(exact_bundle, sandbox, rows):
     assert not errors and all(r == expected for r in results.values())
 
 
-def test_other_manifest_formats_build_the_same_bundle(sandbox, exact_bundle, tmp_path, rows):
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "tar"])
+def test_other_manifest_formats_build_the_same_bundle_and_verify_deep(sandbox, exact_bundle, tmp_path, rows, fmt):
     data = sandbox / "data"
-    with open(tmp_path / "train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["id", "image", "caption", "creator", "license", "source_url", "sha256"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r[k] for k in writer.fieldnames} | {"image": str(data / r["image"])})
-    build_bundle(tmp_path / "train.csv", sandbox / "encoder.yaml", tmp_path / "csv", _options(backend="exact"))
-    assert np.allclose(np.load(tmp_path / "csv" / "vectors.npy"), np.load(exact_bundle / "vectors.npy"), atol=1e-6)
+    rows = rows[:40]
+    fields = ["id", "image", "caption", "creator", "license", "source_url", "sha256"]
+    if fmt == "csv":
+        manifest = tmp_path / "train.csv"
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: r[k] for k in fields} | {"image": str(data / r["image"])})
+    elif fmt == "parquet":
+        pq = pytest.importorskip("pyarrow.parquet")
+        import pyarrow
+
+        manifest = tmp_path / "train.parquet"
+        pq.write_table(pyarrow.Table.from_pylist([{k: r[k] for k in fields} | {"image": str(data / r["image"])}
+                                                  for r in rows]), manifest)
+    else:  # webdataset shards: image member + .txt caption + .json metadata, two shards
+        import io
+        import tarfile
+
+        manifest = tmp_path / "shards"
+        manifest.mkdir()
+        for shard in range(2):
+            with tarfile.open(manifest / f"shard-{shard:05d}.tar", "w") as tar:
+                for n, r in enumerate(rows[shard::2]):
+                    meta = json.dumps({k: r[k] for k in fields if k not in ("image", "caption")}).encode()
+                    for name, payload in ((f"{n:05d}.png", (data / r["image"]).read_bytes()),
+                                          (f"{n:05d}.txt", r["caption"].encode()), (f"{n:05d}.json", meta)):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+    built = build_bundle(manifest, sandbox / "encoder.yaml", tmp_path / fmt, _options(backend="exact"))
+    assert built.items == len(rows)
+    order = [r["id"] for r in rows] if fmt != "tar" else [r["id"] for r in rows[0::2] + rows[1::2]]
+    expected = np.load(exact_bundle / "vectors.npy")[[int(i.split("-")[1]) for i in order]]
+    assert np.allclose(np.load(tmp_path / fmt / "vectors.npy"), expected, atol=1e-6)
+    report = verify_bundle(tmp_path / fmt, deep=True, sample=8)  # re-reads the images from their sources
+    assert report.ok, report.format()
 
 
 def test_bad_rows_are_rejected_and_the_build_continues(sandbox, tmp_path, rows):

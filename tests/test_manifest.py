@@ -83,9 +83,9 @@ def test_jsonl_relative_and_absolute_paths(tmp_path: Path) -> None:
     assert (a.row, a.source, a.id, a.caption) == (1, "train.jsonl:1", "a", "a red square")
     assert (a.creator, a.license, a.source_url, a.sha256) == (
         "ann", "CC-BY-4.0", "https://example.invalid/a", None)
-    assert a.image_ref == str(tmp_path / "data" / "imgs" / "a.png")
+    assert str(a.image) == str(tmp_path / "data" / "imgs" / "a.png")
     assert not hasattr(a, "attributes")
-    assert (b.row, b.id, b.creator, b.image_ref) == (3, "7", None, str(outside))
+    assert (b.row, b.id, b.creator, str(b.image)) == (3, "7", None, str(outside))
     red, blue = a.load_image(), b.load_image()
     assert red.mode == "RGB" and red.size == (8, 8) and red.getpixel((0, 0)) == (255, 0, 0)
     assert blue.mode == "RGB" and blue.getpixel((4, 4))[2] > 200
@@ -106,7 +106,7 @@ def test_csv_rows_with_header_bom_multiline_caption_and_extra_columns(tmp_path: 
     assert (first.row, first.source, first.caption) == (2, "train.csv:2", "line one\nline two")
     assert first.sha256 == digest and first.creator is None
     assert (second.row, second.source, second.creator, second.sha256) == (4, "train.csv:4", "bob", None)
-    assert first.image_ref == second.image_ref == str(png)
+    assert first.image == second.image and str(first.image) == str(png)
     assert first.load_image().size == (8, 8)
 
 
@@ -131,7 +131,7 @@ def test_parquet_reads_row_groups_in_order(tmp_path: Path) -> None:
     assert [r.row for r in rows] == [1, 2, 3, 4, 5]
     assert rows[3].source == "train.parquet:4"
     assert [r.license for r in rows] == ["CC0", None, "CC0", None, "CC0"]
-    assert rows[0].image_ref == str(tmp_path / "imgs" / "a.png")
+    assert str(rows[0].image) == str(tmp_path / "imgs" / "a.png")
     assert rows[4].load_image().mode == "RGB"
 
 
@@ -177,7 +177,7 @@ def test_webdataset_shard_folder_and_glob(tmp_path: Path) -> None:
     assert (first.id, first.source, first.caption) == ("000000000", "shard-00000.tar:00000", "a green square")
     assert (first.source_url, first.creator, first.license) == ("https://example.invalid/0", "cy", "CC-BY")
     assert first.sha256 == hashlib.sha256(jpg).hexdigest()
-    assert first.image_ref == f"{shard0}::00000.jpg"
+    assert (first.image.path, first.image.member) == (str(shard0), "00000.jpg")
     assert (second.id, second.source_url, second.sha256) == ("shard-00000/00001", None, None)
     assert (no_image.reason, no_image.source) == ("missing_image", "shard-00000.tar:00002")
     assert (third.id, third.caption, third.source_url) == ("custom", "caption from json", "https://example.invalid/src")
@@ -217,7 +217,7 @@ def test_truncated_tar_member_is_a_corrupt_image(tmp_path: Path) -> None:
         add_member(tar, "k.txt", b"noise")
     (row,) = iter_manifest(folder / "one.tar")
     whole = (folder / "one.tar").read_bytes()
-    (folder / "one.tar").write_bytes(whole[: row.tar_span[0] + 100])
+    (folder / "one.tar").write_bytes(whole[: row.image.span[0] + 100])
 
     with pytest.raises(RowRejected) as info:
         row.load_image()
