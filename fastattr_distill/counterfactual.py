@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_path, atomic_write_text, sha256_file
+from fastattr_hook._io import atomic_open, atomic_path, atomic_write_text
 from fastattr_hook.config import load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 
@@ -125,10 +125,11 @@ def plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict:
                             f"{config_path}")
     rankings = method_rankings(job, data, queries)
     runs = {"reference": []}
-    for i, q in enumerate(queries):
-        for method, ranked in rankings.items():
+    # The tuned runs last: the runs a new head leaves unchanged are trained first, and kept.
+    for method in sorted(rankings, key=lambda m: m == "tuned"):
+        for i, q in enumerate(queries):
             for k in job.k:
-                runs[f"{data.query_id[q]}-{method}-k{k}"] = sorted(int(r) for r in ranked[i, :k])
+                runs[f"{data.query_id[q]}-{method}-k{k}"] = sorted(int(r) for r in rankings[method][i, :k])
     meta = {"settings": _settings(job), "model": UNetAdapter.from_pretrained(pipeline_dir(data)).fingerprint(),
             "dataset": data.fingerprint, "queries": [int(q) for q in queries], "runs": runs}
     atomic_write_text(Path(job.out) / "plan.json", json.dumps(meta))

@@ -18,7 +18,7 @@ from fastattr_hook._io import atomic_path, atomic_write_text
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
 
-from .data import DistillDataset, load_dataset
+from .data import DistillDataset
 from .metrics import average_precision, mean_and_stderr, ranking, recall_at, spearman
 from .train import item_features, query_features
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from .attribution import Attribution, Credit, softmax_shares
-from .bundle import BundleManifest, read_manifest
+from .bundle import Bundle, BundleManifest
 from .encoder import Encoder
 from .errors import FastattrError
 from .items import ItemStore
@@ -35,19 +35,16 @@ class Attributor:
         ``encoder`` overrides the bundle's ``encoder.yaml`` (e.g. weights moved elsewhere); its
         fingerprint must still match the one the bundle was built with.
         """
-        from .search import load_index
-
-        path = Path(path)
-        manifest = read_manifest(path)
+        bundle = Bundle.open(path)
+        manifest = bundle.manifest
         if not isinstance(encoder, Encoder):
-            encoder = Encoder.from_yaml(encoder or path / "encoder.yaml", device=device)
+            encoder = Encoder.from_yaml(encoder, device=device) if encoder else bundle.encoder(device)
         if encoder.fingerprint != manifest.encoder.fingerprint:
             raise FastattrError(
                 f"{path}: refusing to serve with encoder '{encoder.spec.name}' ({encoder.fingerprint[:19]}...): "
                 f"the bundle was built with '{manifest.encoder.name}' ({manifest.encoder.fingerprint[:19]}...). "
                 "Use the encoder the bundle was built with, or rebuild the bundle with this encoder.")
-        index = load_index(manifest.backend, path / "index", manifest.dim, manifest.backend_params, view=True)
-        return cls(path, manifest, encoder, index, ItemStore(path / "items.sqlite"))
+        return cls(bundle.path, manifest, encoder, bundle.index(), bundle.items())
 
     def refresh(self) -> None:
         """Re-read opt-outs written by another process (``fastattr index remove``)."""

@@ -10,14 +10,23 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ._io import sha256_file
 from .config import from_dict, save_yaml
 from .errors import FastattrError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .encoder import Encoder
+    from .items import ItemStore
+    from .search import VectorIndex
 
 SCHEMA = "fastattr/bundle@1"
 
@@ -74,7 +83,7 @@ class BundleManifest:
 
 
 def read_manifest(bundle_dir: str | Path) -> BundleManifest:
-    path = Path(bundle_dir) / "bundle.yaml"
+    path = Path(bundle_dir) / Bundle.MANIFEST
     if not path.is_file():
         raise FastattrError(f"{path}: not found; {bundle_dir} is not an index bundle "
                             "(build one with `fastattr index build`)")
@@ -89,12 +98,60 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
 
 
 def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> None:
-    save_yaml(manifest, Path(bundle_dir) / "bundle.yaml")
+    save_yaml(manifest, Path(bundle_dir) / Bundle.MANIFEST)
 
 
 def bundle_files(bundle_dir: str | Path) -> dict[str, str]:
     """sha256 of every file in the bundle except bundle.yaml itself."""
     root = Path(bundle_dir)
     return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "bundle.yaml"
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != Bundle.MANIFEST
             and not p.name.startswith(".")}
+
+
+class Bundle:
+    """An index bundle; the folder is the object (as in diffusers' ``from_pretrained``). Every
+    file name inside a bundle is spelled here and nowhere else."""
+
+    MANIFEST, ENCODER, INDEX, ITEMS, VECTORS, REJECTS = (
+        "bundle.yaml", "encoder.yaml", "index", "items.sqlite", "vectors.npy", "rejects.jsonl")
+
+    def __init__(self, path: str | Path, manifest: BundleManifest):
+        self.path, self.manifest = Path(path), manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Bundle":
+        return cls(path, read_manifest(path))
+
+    def encoder(self, device: str | None = None) -> "Encoder":
+        from .encoder import Encoder
+
+        return Encoder.from_yaml(self.path / self.ENCODER, device=device)
+
+    def items(self, writable: bool = False) -> "ItemStore":
+        from .items import ItemStore
+
+        return ItemStore(self.path / self.ITEMS, readonly=not writable)
+
+    def index(self, writable: bool = False) -> "VectorIndex":
+        """The vector index: memory-mapped for serving, or loaded whole to add to it."""
+        from .search import load_index
+
+        m = self.manifest
+        return load_index(m.backend, self.path / self.INDEX, m.dim, m.backend_params, view=not writable)
+
+    def vectors(self) -> "np.ndarray":
+        """[items, dim] float32 copy of every vector in key order (memory-mapped)."""
+        import numpy as np
+
+        return np.load(self.path / self.VECTORS, mmap_mode="r")
+
+    def rejects(self) -> list[dict]:
+        path = self.path / self.REJECTS
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] \
+            if path.is_file() else []
+
+    def seal(self) -> None:
+        """Record the checksum of every file in bundle.yaml and write it (last, as it vouches for the rest)."""
+        self.manifest.files = bundle_files(self.path)
+        write_manifest(self.path, self.manifest)

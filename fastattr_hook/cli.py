@@ -119,12 +119,12 @@ def _index_verify(args) -> int:
 
 
 def _index_info(args) -> int:
-    from .bundle import read_manifest
+    from .bundle import Bundle
     from .config import to_dict
-    from .items import ItemStore
 
-    manifest = read_manifest(args.bundle)
-    with ItemStore(Path(args.bundle) / "items.sqlite") as store:
+    bundle = Bundle.open(args.bundle)
+    manifest = bundle.manifest
+    with bundle.items() as store:
         removed = len(store.removed_keys())
     info = {**to_dict(manifest), "fingerprint": manifest.fingerprint, "removed": removed}
     info.pop("files")

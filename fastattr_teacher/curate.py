@@ -248,10 +248,10 @@ def plan_queries(job: CurationJob, prompts: Sequence[str]) -> list[Query]:
 def training_table(job: CurationJob) -> tuple[np.ndarray, np.ndarray]:
     """(keys, ids) of the training items the teacher may score: those of the manifest that the
     baseline bundle indexes and nobody opted out of, in key order."""
-    from fastattr_hook.items import ItemStore
+    from fastattr_hook.bundle import Bundle
 
     manifest_ids = {item.id for item in read_training_items(job.manifest)}
-    with ItemStore(Path(job.bundle) / "items.sqlite") as store:
+    with Bundle.open(job.bundle).items() as store:
         removed, last = store.removed_keys(), store.max_key()
         rows = {}
         for start in range(0, last + 1, 10_000):  # bounded SQL parameter lists

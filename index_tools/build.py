@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
 from fastattr_hook._io import atomic_dir, atomic_open, atomic_write_text
-from fastattr_hook.bundle import (SCHEMA, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, bundle_files,
-                                  read_manifest, write_manifest)
+from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, read_manifest
 from fastattr_hook.config import to_dict
 from fastattr_hook.encoder import Encoder, EncoderSpec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.items import ItemStore
-from fastattr_hook.search import create_index, default_backend, load_index
+from fastattr_hook.search import create_index, default_backend
 
 from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
 
@@ -122,7 +121,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     rank, world, barrier, device = distributed()
     encoder = Encoder.from_yaml(encoder_spec, device=options.device or device)
     if out.exists():
-        done = read_manifest(out) if resume and (out / "bundle.yaml").is_file() else None
+        done = read_manifest(out) if resume and (out / Bundle.MANIFEST).is_file() else None
         if done and done.manifest.fingerprint == manifest_fingerprint(manifest_path) and \
                 done.encoder.fingerprint == encoder.fingerprint:
             log.info("%s: already complete (same manifest and encoder); nothing to resume", out)
@@ -141,21 +140,11 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
         raise FastattrError(f"{manifest_path}: no usable row, so no bundle was made; the reasons per row are in "
                             f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
     vectors, rows, rejects = _merge_chunks(work, accepted)
-    first_key = 0
     backend = options.backend or default_backend(len(vectors))
     with atomic_dir(out) as tmp:
         index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
-        keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
-        if len(vectors):
-            index.add(keys, vectors)
-        (tmp / "index").mkdir()
-        index.save(tmp / "index")
-        _write_vectors(tmp, vectors)
-        with ItemStore(tmp / "items.sqlite", readonly=False) as store:
-            store.insert(_item_rows(keys, rows, out))
-        save_yaml_dict(_relative_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / "encoder.yaml")
-        _write_rejects(tmp / "rejects.jsonl", rejects)
-        temperature, note = calibrate_temperature(index, vectors)
+        save_yaml_dict(_relative_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
+        _append(tmp, index, np.zeros((0, encoder.dim), np.float32), vectors, rows, rejects, out)
         manifest = BundleManifest(
             schema=SCHEMA, name=name or out.name,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
@@ -164,9 +153,8 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
             dtype=index.storage, items=len(vectors),
             manifest=ManifestInfo(path=os.path.relpath(manifest_path.resolve(), out), fingerprint=state["manifest_fingerprint"],
                                   accepted=len(vectors), rejected=len(rejects)),
-            share_rule=ShareRule("softmax", temperature, note))
-        manifest.files = bundle_files(tmp)
-        write_manifest(tmp, manifest)
+            share_rule=ShareRule("softmax", *calibrate_temperature(index, vectors)))
+        Bundle(tmp, manifest).seal()
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 
@@ -176,8 +164,9 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     """Append a manifest's rows to an existing bundle (same encoder); ids already present are rejected."""
     options = options or BuildOptions()
     bundle_dir, manifest_path = Path(bundle_dir).resolve(), Path(manifest_path)
-    current = read_manifest(bundle_dir)
-    encoder = Encoder.from_yaml(bundle_dir / "encoder.yaml", device=options.device)
+    bundle = Bundle.open(bundle_dir)
+    current = bundle.manifest
+    encoder = bundle.encoder(device=options.device)
     if encoder.fingerprint != current.encoder.fingerprint:
         raise FastattrError(f"{bundle_dir}: encoder files changed since the bundle was built; cannot append")
     work = bundle_dir.with_name(bundle_dir.name + ".add.partial")
@@ -185,7 +174,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
              "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size,
              "bundle": current.fingerprint}
     _prepare_work_dir(work, state, resume, 0, lambda: None)
-    with ItemStore(bundle_dir / "items.sqlite") as store:
+    with bundle.items() as store:
         seen = list(store.ids())
         first_key = store.max_key() + 1
     accepted = _embed_manifest(manifest_path, encoder, work, options, 0, 1, seen_ids=seen)
@@ -199,25 +188,32 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     vectors, rows, rejects = _merge_chunks(work, accepted)
     with atomic_dir(bundle_dir) as tmp:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-        index = load_index(current.backend, tmp / "index", current.dim, current.backend_params, view=False)
-        keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
-        if len(vectors):
-            index.add(keys, vectors)
-        shutil.rmtree(tmp / "index")
-        (tmp / "index").mkdir()
-        index.save(tmp / "index")
-        _write_vectors(tmp, np.concatenate([np.load(tmp / "vectors.npy").astype(np.float32), vectors]))
-        with ItemStore(tmp / "items.sqlite", readonly=False) as store:
-            store.insert(_item_rows(keys, rows, bundle_dir))
-        previous = [json.loads(line) for line in (tmp / "rejects.jsonl").read_text().splitlines() if line]
-        _write_rejects(tmp / "rejects.jsonl", previous + rejects)
+        staged = Bundle(tmp, current)
+        _append(tmp, staged.index(writable=True), np.asarray(staged.vectors(), dtype=np.float32), vectors, rows,
+                staged.rejects() + rejects, bundle_dir, first_key=first_key)
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
         current.manifest.rejected += len(rejects)
-        current.files = bundle_files(tmp)
-        write_manifest(tmp, current)
+        staged.seal()
     shutil.rmtree(work, ignore_errors=True)
     return current
+
+
+def _append(folder: Path, index, old_vectors: np.ndarray, vectors: np.ndarray, rows: list[dict],
+            rejects: list[dict], final_dir: Path, first_key: int = 0) -> None:
+    """The write sequence build and add share, into the temporary ``folder`` that replaces the bundle
+    at ``final_dir``: new vectors into the index (saved whole), the vectors copy, the items store and
+    the rejects file."""
+    keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
+    if len(vectors):
+        index.add(keys, vectors)
+    shutil.rmtree(folder / Bundle.INDEX, ignore_errors=True)
+    (folder / Bundle.INDEX).mkdir()
+    index.save(folder / Bundle.INDEX)
+    _write_vectors(folder, np.concatenate([old_vectors, vectors]))
+    with ItemStore(folder / Bundle.ITEMS, readonly=False) as store:
+        store.insert(_item_rows(keys, rows, final_dir))
+    _write_rejects(folder / Bundle.REJECTS, rejects)
 
 
 def save_yaml_dict(data: dict, path: Path) -> None:
@@ -340,7 +336,7 @@ def _item_rows(keys: np.ndarray, rows: list[dict], bundle_dir: Path):
 
 def _write_vectors(bundle_dir: Path, vectors: np.ndarray) -> None:
     """A float32 copy of every vector in key order: the source for re-indexing and recall checks."""
-    with atomic_open(bundle_dir / "vectors.npy") as f:
+    with atomic_open(bundle_dir / Bundle.VECTORS) as f:
         np.save(f, vectors.astype(np.float32))
 
 

@@ -30,7 +30,7 @@ import re
 import stat
 import tarfile
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable, Iterator, Mapping, TextIO

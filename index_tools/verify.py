@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from fastattr_hook._io import sha256_file
-from fastattr_hook.bundle import read_manifest
+from fastattr_hook.bundle import Bundle
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.items import ItemStore
-from fastattr_hook.search import load_index, recall_at_k
+from fastattr_hook.search import recall_at_k
 
 
 @dataclass
@@ -56,7 +56,8 @@ def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_re
     path = Path(path)
     report = Report(str(path))
     try:
-        manifest = read_manifest(path)
+        bundle = Bundle.open(path)
+        manifest = bundle.manifest
     except FastattrError as exc:
         report.add("structure", False, str(exc))
         return report
@@ -71,14 +72,14 @@ def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_re
             bad.append(f"{rel} changed (checksum mismatch)")
     listed = set(manifest.files)
     extra = [p.relative_to(path).as_posix() for p in path.rglob("*")
-             if p.is_file() and p.name != "bundle.yaml" and not p.name.startswith(".")
+             if p.is_file() and p.name != Bundle.MANIFEST and not p.name.startswith(".")
              and p.relative_to(path).as_posix() not in listed]
     bad += [f"{rel} not listed in bundle.yaml" for rel in extra]
     if not report.add("checksums", not bad, "; ".join(bad) or f"{len(listed)} files match bundle.yaml"):
         return report  # nothing below can be trusted
 
     try:
-        encoder = Encoder.from_yaml(path / "encoder.yaml", device="cpu")
+        encoder = bundle.encoder(device="cpu")
         fingerprint_ok = encoder.fingerprint == manifest.encoder.fingerprint
         report.add("encoder", fingerprint_ok,
                    f"fingerprint {encoder.fingerprint[:19]}... "
@@ -88,9 +89,8 @@ def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_re
         report.add("encoder", False, str(exc))
         return report
 
-    index = load_index(manifest.backend, path / "index", manifest.dim, manifest.backend_params, view=True)
-    vectors = np.load(path / "vectors.npy", mmap_mode="r")
-    with ItemStore(path / "items.sqlite") as store:
+    index, vectors = bundle.index(), bundle.vectors()
+    with bundle.items() as store:
         counts = {"bundle.yaml": manifest.items, "index": len(index), "items store": store.count(),
                   "vectors.npy": len(vectors), "accepted manifest rows": manifest.manifest.accepted}
         report.add("counts", len(set(counts.values())) == 1, ", ".join(f"{k} {v}" for k, v in counts.items()))

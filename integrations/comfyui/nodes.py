@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from fastattr_hook.attribution import Attribution
+from fastattr_hook.bundle import Bundle
 from fastattr_hook.errors import FastattrError
 
 log = logging.getLogger("fastattr.comfyui")
@@ -54,9 +55,9 @@ def resolve_bundle_path(value: str) -> Path:
                                 "is unavailable (fastattr_sandbox is not installed); enter the path of an "
                                 "index bundle built with `fastattr index build`")
     path = Path(text).expanduser()
-    if path.name == "bundle.yaml":
+    if path.name == Bundle.MANIFEST:
         path = path.parent
-    if not (path / "bundle.yaml").is_file():
+    if not (path / Bundle.MANIFEST).is_file():
         if default or text == default_bundle_path():
             hint = (f"the shipped sandbox bundle has not been built yet; build it with "
                     f"`fastattr sandbox build --scale default --out {path.parent}`, or enter the path of "
@@ -100,7 +101,7 @@ def load_attributor(bundle_path: str, device: str | None = None):
     """
     path = resolve_bundle_path(bundle_path)
     device = _device(device)
-    key = (str(path), (path / "bundle.yaml").stat().st_mtime_ns, device)
+    key = (str(path), (path / Bundle.MANIFEST).stat().st_mtime_ns, device)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
