@@ -52,23 +52,7 @@ class Attributor:
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (keys, scores) per query vector, never returning removed items."""
-        out_keys = np.full((len(vectors), k), -1, dtype=np.int64)
-        out_scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
-        total = len(self.index)
-        if total == 0 or len(vectors) == 0:
-            return out_keys, out_scores
-        fetch = min(total, k + len(self._removed))
-        while True:
-            keys, scores = self.index.search(vectors, fetch)
-            keep = (keys >= 0) & ~np.isin(keys, self._removed)
-            if fetch >= total or keep.sum(axis=1).min() >= k:
-                break
-            fetch = min(total, fetch * 2)  # ANN backends may return removed items first: widen
-        for row in range(len(vectors)):
-            kept_keys, kept_scores = keys[row][keep[row]][:k], scores[row][keep[row]][:k]
-            out_keys[row, :len(kept_keys)] = kept_keys
-            out_scores[row, :len(kept_scores)] = kept_scores
-        return out_keys, out_scores
+        return self.index.search(vectors, k, exclude=self._removed)
 
     def attribute(self, images: Sequence, prompts: str | Sequence[str], k: int = 10) -> list[Attribution]:
         """Attribute a batch: PIL images, HxWxC uint8/float arrays or tensors, one prompt each (or one for all)."""

@@ -15,8 +15,8 @@ Backends:
 * ``faiss``: any ``index_factory`` string (``HNSW32``, ``IVF4096,PQ64``, ...) for compressed
   indexes under a memory budget (LAION scale); optional dependency, ``pip install 'fastattr[faiss]'``.
 
-Indexes loaded with ``view=True`` are read-only (the file is mapped, not copied): ``add`` and
-``remove`` raise. Backend libraries are imported lazily so ``import fastattr_hook`` stays light.
+Indexes loaded with ``view=True`` are read-only (the file is mapped, not copied): ``add`` raises.
+Opt-outs never change an index: ``search(..., exclude=keys)`` skips them. Backend libraries are imported lazily so ``import fastattr_hook`` stays light.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ _INT64_MAX = np.iinfo(np.int64).max
 class VectorIndex(abc.ABC):
     """Keys (non-negative int64) -> unit vectors; ``search`` returns the top-k keys by cosine similarity.
 
-    Subclasses implement the ``_add``/``_search``/``_remove`` primitives on already validated,
-    normalised input; this class does the checks, the read-only guard and the padding once.
+    Subclasses implement the ``_add``/``_search`` primitives on already validated, normalised
+    input; this class does the checks, the read-only guard, exclusions and the padding once.
     """
 
     backend: ClassVar[str]
@@ -70,31 +70,35 @@ class VectorIndex(abc.ABC):
         if len(keys):
             self._add(keys, vectors)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(keys int64 [q, k], scores float32 [q, k]), best first, padded with -1 / -inf."""
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys int64 [q, k], scores float32 [q, k]), best first, padded with -1 / -inf. Keys in
+        ``exclude`` (e.g. opted-out items) are never returned: the search widens until k others are
+        found or the index is exhausted."""
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise FastattrError(f"search(): k must be a positive integer, got {k!r}")
         queries = self._as_unit_vectors(queries, "queries")
+        exclude = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
         out_keys = np.full((len(queries), k), -1, dtype=np.int64)
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        if len(queries) and len(self):
-            keys, scores = self._search(queries, int(k))
-            width = min(k, keys.shape[1])
-            found = keys[:, :width] >= 0
-            out_keys[:, :width] = np.where(found, keys[:, :width], -1)
-            out_scores[:, :width] = np.where(found, scores[:, :width], -np.inf)
+        total = len(self)
+        if not len(queries) or not total:
+            return out_keys, out_scores
+        fetch = min(total, int(k) + len(exclude))
+        while True:
+            keys, scores = self._search(queries, fetch)
+            keep = (keys >= 0) & ~np.isin(keys, exclude)
+            if fetch >= total or keep.sum(axis=1).min() >= k:
+                break
+            fetch = min(total, fetch * 2)  # ANN backends may return excluded items first: widen
+        for row in range(len(queries)):
+            kept_keys, kept_scores = keys[row][keep[row]][:k], scores[row][keep[row]][:k]
+            out_keys[row, :len(kept_keys)] = kept_keys
+            out_scores[row, :len(kept_scores)] = kept_scores
         return out_keys, out_scores
-
-    def remove(self, keys: np.ndarray) -> None:
-        """Drop ``keys`` from the index so searches no longer return them; unknown keys are ignored."""
-        self._check_writable("remove items")
-        keys = _as_keys(keys)
-        if len(keys) and len(self):
-            self._remove(keys)
 
     @abc.abstractmethod
     def __len__(self) -> int:
-        """Number of searchable (not removed) items."""
+        """Number of items in the index."""
 
     @abc.abstractmethod
     def save(self, directory: Path) -> list[str]:
@@ -116,9 +120,6 @@ class VectorIndex(abc.ABC):
     @abc.abstractmethod
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, scores) of width <= k; missing results have key -1."""
-
-    @abc.abstractmethod
-    def _remove(self, keys: np.ndarray) -> None: ...
 
     def _check_writable(self, action: str) -> None:
         if self.view:
@@ -191,7 +192,7 @@ def _check_loaded_dim(path: Path, found: int, dim: int) -> None:
 class ExactIndex(VectorIndex):
     """Brute force over ``keys.npy`` + ``vectors.npy``: the reference for recall checks.
 
-    ``add`` and ``remove`` rewrite the in-memory arrays, so add in large batches (the bundle build
+    ``add`` rewrites the in-memory arrays, so add in large batches (the bundle build
     adds everything in one call).
     """
 
@@ -271,9 +272,6 @@ class ExactIndex(VectorIndex):
         order = np.argsort(-best_scores, axis=1, kind="stable")
         return np.take_along_axis(best_rows, order, 1), np.take_along_axis(best_scores, order, 1)
 
-    def _remove(self, keys: np.ndarray) -> None:
-        keep = ~np.isin(self._keys, keys)
-        self._keys, self._vectors = self._keys[keep], self._vectors[keep]
 
 
 # -------------------------------------------------------------------------------------------- usearch
@@ -371,8 +369,6 @@ class USearchIndex(VectorIndex):
             keys[missing], distances[missing] = -1, np.inf
         return keys, 1.0 - distances  # a single query comes back as Matches: its results only, no padding
 
-    def _remove(self, keys: np.ndarray) -> None:
-        self._index.remove(keys.astype(np.uint64))
 
 
 # ---------------------------------------------------------------------------------------------- faiss
@@ -408,7 +404,7 @@ class FaissIndex(VectorIndex):
 
     def __init__(self, dim: int, params: dict[str, Any], index, view: bool) -> None:
         super().__init__(dim, params, view)
-        self._index = index  # the CPU index: what add, remove and save change
+        self._index = index  # the CPU index: what add and save change
         self._searcher = self._gpu_copy(index) if view and params["gpu"] else index
         # faiss GPU indexes are not thread-safe; CPU searches are
         self._lock = threading.Lock() if self._searcher is not index else contextlib.nullcontext()
@@ -516,14 +512,6 @@ class FaissIndex(VectorIndex):
             scores, keys = self._searcher.search(queries, k)
         return keys, scores
 
-    def _remove(self, keys: np.ndarray) -> None:
-        try:
-            self._index.remove_ids(keys)
-        except RuntimeError as exc:
-            raise FastattrError(
-                f"backend 'faiss': factory {self.params['factory']!r} cannot remove items ({_faiss_reason(exc)}); "
-                "rebuild the index without them, or use a Flat/IVF factory or the usearch/exact backend "
-                "(opt-outs via `fastattr index remove` need no index change: queries skip them)") from None
 
 
 # ---------------------------------------------------------------------------------------------- API

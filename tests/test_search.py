@@ -34,7 +34,6 @@ CONFIGS = {
     "faiss-hnsw": ("faiss", {"factory": "HNSW32"}),
     "faiss-ivf-flat": ("faiss", {"factory": "IVF4,Flat", "nprobe": 4}),
 }
-REMOVABLE = [name for name in CONFIGS if name != "faiss-hnsw"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,8 +166,6 @@ def test_viewed_index_is_read_only(tmp_path, small, name):
     viewed = load_index(backend, tmp_path, DIM, index.params, view=True)
     with pytest.raises(FastattrError, match="view=True"):
         viewed.add(np.array([1], dtype=np.int64), vectors[:1])
-    with pytest.raises(FastattrError, match="view=True"):
-        viewed.remove(keys[:1])
     assert len(viewed) == len(keys)
 
 
@@ -194,33 +191,21 @@ def test_empty_index_returns_only_padding(small, name):
     assert np.all(found == -1) and np.all(np.isneginf(scores))
 
 
-@pytest.mark.parametrize("name", REMOVABLE)
-def test_remove_makes_keys_disappear(tmp_path, small, name):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_excluded_keys_are_never_returned(tmp_path, small, name):
     keys, vectors, queries = small
     backend, _ = CONFIGS[name]
     index = build(CONFIGS[name], keys, vectors)
-    top, _ = index.search(queries, 3)
-    gone = np.unique(top)
-    index.remove(np.concatenate([gone, [999_999]]))  # unknown keys are ignored
-    assert len(index) == len(keys) - len(gone)
-    found, _ = index.search(queries, 20)
-    assert not np.isin(found, gone).any()
-    assert np.all(found >= 0)
-    self_found, _ = index.search(vectors[np.isin(keys, gone)], 1)
-    assert not np.isin(self_found, gone).any()  # not even as its own nearest neighbour
-
     index.save(tmp_path)
-    loaded = load_index(backend, tmp_path, DIM, index.params, view=True)
-    assert len(loaded) == len(keys) - len(gone)
-    assert not np.isin(loaded.search(queries, 20)[0], gone).any()
-
-
-def test_faiss_hnsw_cannot_remove_and_says_what_to_do(small):
-    keys, vectors, _ = small
-    index = build(CONFIGS["faiss-hnsw"], keys, vectors)
-    with pytest.raises(FastattrError, match="cannot remove items.*rebuild"):
-        index.remove(keys[:2])
-    assert len(index) == len(keys)
+    viewed = load_index(backend, tmp_path, DIM, index.params, view=True)  # opt-outs need no writable index
+    top, _ = viewed.search(queries, 3)
+    gone = np.concatenate([np.unique(top), [999_999]])  # unknown keys are ignored
+    found, scores = viewed.search(queries, 20, exclude=gone)
+    assert not np.isin(found, gone).any() and np.all(found >= 0) and np.all(np.isfinite(scores))
+    self_found, _ = viewed.search(vectors[np.isin(keys, gone)], 1, exclude=gone)
+    assert not np.isin(self_found, gone).any()  # not even as its own nearest neighbour
+    everything, _ = viewed.search(queries[:1], len(keys), exclude=keys[:-2])  # widens until the index is exhausted
+    assert sorted(everything[0][:2]) == sorted(keys[-2:]) and np.all(everything[0][2:] == -1)
 
 
 def test_unknown_backend_lists_the_valid_ones():
