@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fastattr_hook._io import atomic_open, atomic_write_text
 from fastattr_hook.config import load_yaml, save_yaml, to_dict
-from fastattr_hook.encoder import Encoder, EncoderSpec
+from fastattr_hook.encoder import Encoder, EncoderSpec, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, save_head
 from index_tools.features import cached_features
@@ -373,19 +373,4 @@ def _settings(config: DistillConfig, data: DistillDataset) -> dict:
 
 def _tuned_spec(spec: EncoderSpec, spec_dir: Path, out: Path, name: str) -> dict:
     """The backbones of ``spec`` (local paths rewritten relative to ``out``) plus the new head."""
-    import os
-
-    def moved(value: str | None) -> str | None:
-        if value is None:
-            return None
-        prefix = "local-dir:" if value.startswith("local-dir:") else ""
-        path = Path(value.removeprefix(prefix)).expanduser()
-        if not prefix and not (spec_dir / path).exists() and not path.is_absolute():
-            return value  # a name (e.g. an open_clip model or tag), not a file
-        absolute = path if path.is_absolute() else (spec_dir / path).resolve()
-        return prefix + os.path.relpath(absolute, out.resolve())
-
-    backbones = []
-    for b in to_dict(spec)["backbones"]:
-        backbones.append({**b, **{k: moved(b[k]) for k in ("model", "weights", "tokenizer")}})
-    return {"name": name, "backbones": backbones, "head": "head.safetensors", "batch_size": spec.batch_size}
+    return {**relocated_spec(spec, spec_dir, out), "name": name, "head": "head.safetensors"}

@@ -51,13 +51,69 @@ class EncoderSpec:
     batch_size: int = 64
 
 
-def _resolve(base: Path, value: str | None) -> str | None:
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".json", ".ckpt")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A ``model``/``weights``/``tokenizer``/``head`` value of a spec, resolved by the one rule
+    every reader uses: ``local-dir:FOLDER``; ``hf-hub:org/name`` (read from the local Hugging Face
+    cache); a local path (has a folder separator or a weights suffix, or exists beside the spec),
+    resolved against the spec's folder; anything else is a name: an open_clip model or pretrained
+    tag such as ``openai``, or a timm model."""
+
+    kind: Literal["dir", "hub", "path", "name"]
+    value: str  # absolute for "dir" and "path", as written otherwise
+
+    @property
+    def local(self) -> bool:
+        return self.kind in ("dir", "path")
+
+    def __str__(self) -> str:
+        return f"local-dir:{self.value}" if self.kind == "dir" else self.value
+
+    def files(self) -> list[Path]:
+        """The local files behind the reference (what the fingerprint hashes)."""
+        path = Path(self.value)
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.is_file())
+        if not path.is_file():
+            raise FastattrError(f"encoder file not found: {path}; fix the path in the encoder spec")
+        return [path]
+
+
+def resolve_reference(base: Path, value: str | None) -> Reference | None:
     if value is None:
         return None
     if value.startswith("local-dir:"):
-        return "local-dir:" + str((base / value[len("local-dir:"):]).resolve())
+        return Reference("dir", str((base / Path(value.removeprefix("local-dir:")).expanduser()).resolve()))
+    if value.startswith("hf-hub:"):
+        return Reference("hub", value)
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    if "/" in value or "\\" in value or value.startswith(("~", ".")) or value.endswith(WEIGHT_SUFFIXES) \
+            or (base / path).exists():
+        return Reference("path", str(path if path.is_absolute() else (base / path).resolve()))
+    return Reference("name", value)
+
+
+def relocated_spec(spec: EncoderSpec, spec_dir: Path, new_dir: Path) -> dict:
+    """``spec`` as a dict for a YAML file in ``new_dir``: local references rewritten relative to it
+    (so trees can move), names and hub ids kept."""
+    import os
+
+    def moved(value: str | None) -> str | None:
+        ref = resolve_reference(spec_dir, value)
+        if ref is None or not ref.local:
+            return value
+        rel = os.path.relpath(ref.value, new_dir.resolve())
+        return f"local-dir:{rel}" if ref.kind == "dir" else rel
+
+    data = to_dict(spec)
+    for b in data["backbones"]:
+        for key in ("model", "weights", "tokenizer"):
+            b[key] = moved(b[key])
+    data["head"] = moved(data["head"])
+    return data
 
 
 class Encoder:
@@ -72,7 +128,7 @@ class Encoder:
         self.feature_dim = sum(b.dim for b in self.backbones)
         self.head: AttributionHead | None = None
         if spec.head:
-            self.head = load_head(_resolve(self.base_dir, spec.head)).to(self.device).eval()
+            self.head = load_head(self.reference(spec.head).value).to(self.device).eval()
             if self.head.in_features != self.feature_dim:
                 raise FastattrError(
                     f"head {spec.head} expects {self.head.in_features}-d input but the backbones give "
@@ -85,6 +141,9 @@ class Encoder:
     def from_yaml(cls, path: str | Path, device: str | torch.device | None = None) -> "Encoder":
         path = Path(path)
         return cls(load_yaml(EncoderSpec, path), path.parent, device)
+
+    def reference(self, value: str | None) -> Reference | None:
+        return resolve_reference(self.base_dir, value)
 
     # -- backbones ---------------------------------------------------------------------------
     def _build_backbone(self, spec: BackboneSpec) -> "_Backbone":
@@ -100,8 +159,12 @@ class Encoder:
         if key not in self._models:
             try:
                 clip, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights)
-            except (RuntimeError, FileNotFoundError, ValueError) as exc:
-                raise FastattrError(f"cannot load open_clip model '{model}' (weights: {weights}): {exc}") from None
+            except (RuntimeError, OSError, ValueError) as exc:
+                hint = ""
+                if weights and not Path(weights).is_file() or model.startswith("hf-hub:"):
+                    hint = (" (a pretrained tag or hf-hub id is read from the local Hugging Face cache: fetch it "
+                            "once where a network is available, or point 'weights' at a local file)")
+                raise FastattrError(f"cannot load open_clip model '{model}' (weights: {weights}): {exc}{hint}") from None
             self._models[key] = (clip.to(self.device).eval(), preprocess)
         return self._models[key]
 
@@ -178,15 +241,14 @@ class Encoder:
     def _digest(self, with_head: bool) -> str:
         spec = to_dict(self.spec)
         files = []
-        for b in self.spec.backbones:
-            for value in (b.model, b.weights, b.tokenizer):
-                files += _weight_files(_resolve(self.base_dir, value)) if value and _is_local(value) else []
-        if self.spec.head and with_head:
-            files.append(Path(_resolve(self.base_dir, self.spec.head)))
         for b in spec["backbones"]:  # paths do not identify an encoder; file contents do
             for key in ("model", "weights", "tokenizer"):
-                if b[key] and _is_local(b[key]):
+                ref = self.reference(b[key])
+                if ref is not None and ref.local:
+                    files += ref.files()
                     b[key] = "<local>"
+        if self.spec.head and with_head:
+            files += self.reference(self.spec.head).files()
         if with_head:
             spec["head"] = "<local>" if spec["head"] else None
         else:
@@ -199,20 +261,6 @@ class Encoder:
     def describe(self) -> dict:
         return {"name": self.spec.name, "fingerprint": self.fingerprint, "dim": self.dim,
                 "tuned": self.head is not None}
-
-
-def _is_local(value: str) -> bool:
-    return value.startswith("local-dir:") or "/" in value or value.endswith(
-        (".safetensors", ".pt", ".pth", ".bin", ".json"))
-
-
-def _weight_files(resolved: str) -> list[Path]:
-    path = Path(resolved.removeprefix("local-dir:"))
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
-    if not path.is_file():
-        raise FastattrError(f"encoder file not found: {path}; fix the path in the encoder spec")
-    return [path]
 
 
 def _as_pil(image) -> Image.Image:
@@ -243,8 +291,9 @@ class _Backbone:
 class _OpenClipBackbone(_Backbone):
     def __init__(self, spec: BackboneSpec, encoder: Encoder):
         self.spec = spec
-        model = _resolve(encoder.base_dir, spec.model) if spec.model.startswith("local-dir:") else spec.model
-        self.model, self.transform = encoder._open_clip(model, _resolve(encoder.base_dir, spec.weights))
+        model = str(encoder.reference(spec.model))
+        weights = encoder.reference(spec.weights)
+        self.model, self.transform = encoder._open_clip(model, None if weights is None else str(weights))
         self.is_image = spec.kind == "open_clip_image"
         self.dim = int(self.model.visual.output_dim)  # CLIP: both towers project to embed_dim
         if not self.is_image:
@@ -252,7 +301,7 @@ class _OpenClipBackbone(_Backbone):
             if spec.tokenizer:
                 from transformers import AutoTokenizer
 
-                self.hf_tokenizer = AutoTokenizer.from_pretrained(_resolve(encoder.base_dir, spec.tokenizer),
+                self.hf_tokenizer = AutoTokenizer.from_pretrained(str(encoder.reference(spec.tokenizer).value),
                                                                   local_files_only=True)
             else:
                 import open_clip
@@ -281,10 +330,12 @@ class _TimmBackbone(_Backbone):
 
         self.spec = spec
         kwargs = {"num_classes": 0}
-        weights = _resolve(encoder.base_dir, spec.weights)
-        if weights:
-            if not Path(weights).is_file():
-                raise FastattrError(f"timm weights not found: {weights}; fix 'weights' in the encoder spec")
+        ref = encoder.reference(spec.weights)
+        weights = None if ref is None else ref.value
+        if ref is not None:
+            if not ref.local or not Path(weights).is_file():
+                raise FastattrError(f"timm weights not found: {weights}; 'weights' of a timm_image backbone must be a "
+                                    f"local file (safetensors or .pth)")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
         try:
             self.model = timm.create_model(spec.model, **kwargs).to(encoder.device).eval()

@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from fastattr_hook import __version__
 from fastattr_hook._io import atomic_dir, atomic_open, atomic_write_text
 from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, read_manifest
-from fastattr_hook.config import to_dict
-from fastattr_hook.encoder import Encoder, EncoderSpec
+from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.items import ItemStore
 from fastattr_hook.search import create_index, default_backend
@@ -91,28 +90,6 @@ def distributed():
     return 0, 1, lambda: None, None
 
 
-def _relative_spec(spec: EncoderSpec, spec_dir: Path, bundle_dir: Path) -> dict:
-    """The spec with every local path rewritten relative to the bundle, so trees can move."""
-    data = to_dict(spec)
-
-    def rel(value: str | None) -> str | None:
-        if value is None:
-            return None
-        prefix = "local-dir:" if value.startswith("local-dir:") else ""
-        raw = value[len(prefix):]
-        path = Path(raw).expanduser()
-        if not path.is_absolute() and not (spec_dir / path).exists():
-            return value  # a model name such as "ViT-B-32", not a path
-        target = path if path.is_absolute() else (spec_dir / path).resolve()
-        return prefix + os.path.relpath(target, bundle_dir)
-
-    for b in data["backbones"]:
-        for key in ("model", "weights", "tokenizer"):
-            b[key] = rel(b[key])
-    data["head"] = rel(data["head"])
-    return data
-
-
 def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str | Path,
                  options: BuildOptions | None = None, resume: bool = False, name: str | None = None) -> BundleManifest | None:
     """Build a bundle at ``out``; returns its manifest (None on non-main processes)."""
@@ -143,7 +120,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     backend = options.backend or default_backend(len(vectors))
     with atomic_dir(out) as tmp:
         index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
-        save_yaml_dict(_relative_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
+        save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
         _append(tmp, index, np.zeros((0, encoder.dim), np.float32), vectors, rows, rejects, out)
         manifest = BundleManifest(
             schema=SCHEMA, name=name or out.name,

@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from fastattr_hook.encoder import Encoder
+from fastattr_hook.encoder import Encoder, Reference
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, load_head, save_head
 
@@ -144,3 +144,27 @@ def test_unknown_spec_key_names_key_and_file(tmp_path):
     (tmp_path / "enc.yaml").write_text("name: x\nbackbones: []\nheads: h.safetensors\n")
     with pytest.raises(FastattrError, match=r"enc\.yaml: unknown key 'heads'"):
         Encoder.from_yaml(tmp_path / "enc.yaml")
+
+
+def test_one_rule_resolves_every_weights_reference(tmp_path):
+    from fastattr_hook.encoder import resolve_reference
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "clip").mkdir()
+    assert resolve_reference(tmp_path, "openai") == Reference("name", "openai")  # an open_clip pretrained tag
+    assert resolve_reference(tmp_path, "ViT-B-32").kind == "name"
+    assert resolve_reference(tmp_path, "hf-hub:org/model") == Reference("hub", "hf-hub:org/model")
+    assert resolve_reference(tmp_path, "w.safetensors") == Reference("path", str(tmp_path / "w.safetensors"))
+    assert resolve_reference(tmp_path, "sub/other.bin") == Reference("path", str(tmp_path / "sub" / "other.bin"))
+    assert resolve_reference(tmp_path, "local-dir:clip") == Reference("dir", str(tmp_path / "clip"))
+    assert str(resolve_reference(tmp_path, "local-dir:clip")) == f"local-dir:{tmp_path / 'clip'}"
+
+
+def test_a_pretrained_tag_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """README: `weights: openai` for open_clip towers; offline and not cached, the error says what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    spec = tmp_path / "encoder.yaml"
+    spec.write_text("name: x\nbackbones:\n  - {kind: open_clip_text, model: RN50, weights: openai}\n")
+    with pytest.raises(FastattrError, match="weights: openai.*local Hugging Face cache"):
+        Encoder.from_yaml(spec, device="cpu")
