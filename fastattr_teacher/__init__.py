@@ -6,8 +6,9 @@ from .adapter import TrainingItem, UNetAdapter, read_training_items
 from .config import TeacherConfig, load_teacher_config
 from .ekfac import (EKFAC, capture_linear_io, compute_ekfac, factor_sums, kronecker_bases, linear_layers,
                     rotated_squares)
-from .fisher import (FisherDiagonal, Preconditioner, compute_fisher_diagonal, compute_preconditioner,
-                     load_preconditioner, per_sample_grads, summed_over_draws, training_draws)
+from .fisher import (FisherDiagonal, Preconditioner, compute_fisher_diagonal, per_sample_grads, summed_over_draws,
+                     training_draws)
+from .preconditioner import compute_preconditioner, load_preconditioner
 from .params import PARAM_PATTERNS, select_parameters
 from .score import Scores, item_losses, pretrain_losses, score_query
 from .unlearn import add_update, newton_update, query_gradient, restored, unlearned

@@ -42,7 +42,8 @@ from index_tools.manifest import manifest_fingerprint
 
 from .adapter import TrainingItem, UNetAdapter, load_pipeline, read_training_items
 from .config import TeacherConfig
-from .fisher import FISHER_FIELDS, compute_preconditioner, load_preconditioner
+from .fisher import FISHER_FIELDS
+from .preconditioner import compute_preconditioner, load_preconditioner
 from .score import item_flips, item_gradients, pretrain_losses, score_query
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,9 @@ passes on the sandbox UNet. Memory grows with batch size x selected parameters, 
 ``batch_size`` for the ``all`` selection on large models.
 
 Anything with ``num_train`` and ``inverse_apply`` (``Preconditioner``) can drive the Newton step;
-AbU+'s EK-FAC (``ekfac.py``) is the second implementation, chosen by ``TeacherConfig.preconditioner``.
+AbU+'s EK-FAC (``ekfac.py``) is the second implementation; ``preconditioner.py`` picks one by
+``TeacherConfig.preconditioner``. This module also holds what both kinds share (seeded draws,
+resumable sums, the file format).
 """
 
 from __future__ import annotations
@@ -215,35 +217,3 @@ def compute_fisher_diagonal(adapter: UNetAdapter, items: Sequence[TrainingItem],
     sums = summed_over_draws(adapter, items, config, "fisher", squared_grads, checkpoint_dir)
     meta = {"config": to_dict(config), "num_samples": config.fisher_samples, "model": adapter.fingerprint()}
     return FisherDiagonal({name: (s / config.fisher_samples).float() for name, s in sums.items()}, len(items), meta)
-
-
-def compute_preconditioner(adapter: UNetAdapter, items: Sequence[TrainingItem], config: TeacherConfig,
-                           checkpoint_dir: str | Path | None = None) -> Preconditioner:
-    """The Fisher approximation ``config.preconditioner`` asks for; resumable through
-    ``checkpoint_dir`` (see ``summed_over_draws``), which the caller may delete once it is saved."""
-    from .ekfac import compute_ekfac  # imported here because ekfac.py builds on this module
-
-    if config.preconditioner == "diagonal":
-        return compute_fisher_diagonal(adapter, items, config, checkpoint_dir)
-    if config.preconditioner == "ekfac":
-        return compute_ekfac(adapter, items, config, checkpoint_dir)
-    raise FastattrError(f"unknown preconditioner '{config.preconditioner}' (choose from: diagonal, ekfac)")
-
-
-def load_preconditioner(path: str | Path) -> Preconditioner:
-    """A saved Fisher approximation, whichever kind ``save`` wrote (read from the file's metadata)."""
-    from .ekfac import EKFAC  # imported here because ekfac.py builds on this module
-
-    path = Path(path)
-    if not path.is_file():
-        raise FastattrError(f"{path}: Fisher file not found; compute it first")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            kind = json.loads((f.metadata() or {}).get(META_KEY, "{}")).get("kind")
-    except (SafetensorError, json.JSONDecodeError) as exc:
-        raise FastattrError(f"{path}: not a Fisher file written by fastattr_teacher ({exc}); recompute it") from exc
-    loaders = {"fisher_diagonal": FisherDiagonal.load, "ekfac": EKFAC.load}
-    if kind not in loaders:
-        raise FastattrError(f"{path}: not a Fisher file written by fastattr_teacher (kind {kind!r}, expected one "
-                            f"of {', '.join(loaders)}); recompute it")
-    return loaders[kind](path)
