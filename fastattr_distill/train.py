@@ -366,8 +366,10 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
 
 
 def _settings(config: DistillConfig, data: DistillDataset) -> dict:
-    """What the trained head depends on (paths excluded): a checkpoint with others is not resumed."""
-    values = {k: v for k, v in to_dict(config).items() if k not in (*PATH_KEYS, "device", "name")}
+    """What the trained head depends on (paths excluded): a checkpoint with others is not resumed.
+    ``epochs`` is not among them: epoch e draws from (seed, e) and there is no schedule, so raising
+    ``epochs`` continues a finished run exactly as a longer run would have gone."""
+    values = {k: v for k, v in to_dict(config).items() if k not in (*PATH_KEYS, "device", "name", "epochs")}
     return {**values, "dataset": data.fingerprint}
 
 

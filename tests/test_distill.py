@@ -141,6 +141,19 @@ def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, mi
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bits as uninterrupted
 
 
+def test_raising_epochs_continues_a_finished_run(trained, dataset, micro_sandbox, tmp_path):
+    from safetensors.torch import load_file
+
+    path = write_config(tmp_path, dataset, micro_sandbox, epochs=2)
+    train(load_config(path), path)
+    path.write_text(path.read_text().replace("epochs: 2", "epochs: 3"))
+    longer = train(load_config(path), path)
+    history = json.loads((longer.parent / "train.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    a, b = load_file(trained.parent / "head.safetensors"), load_file(longer.parent / "head.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # 2 + 1 epochs = the 3-epoch run, bit for bit
+
+
 def test_evaluation_report(trained, dataset, micro_sandbox, tmp_path):
     data = load_dataset(dataset)
     baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
