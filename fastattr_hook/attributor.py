@@ -36,6 +36,7 @@ class Attributor:
         fingerprint must still match the one the bundle was built with.
         """
         bundle = Bundle.open(path)
+        bundle.check()
         manifest = bundle.manifest
         if not isinstance(encoder, Encoder):
             encoder = Encoder.from_yaml(encoder, device=device) if encoder else bundle.encoder(device)

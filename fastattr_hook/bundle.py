@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ._io import sha256_file
-from .config import from_dict, save_yaml
+from .config import from_dict, save_yaml, to_dict
 from .errors import FastattrError
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class BundleManifest:
     manifest: ManifestInfo
     share_rule: ShareRule = field(default_factory=ShareRule)
     files: dict[str, str] = field(default_factory=dict)
+    seal: str = ""  # sha256 of everything above: bundle.yaml itself is covered (e.g. an edited share temperature)
 
     @property
     def fingerprint(self) -> str:
@@ -94,11 +95,23 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise FastattrError(f"{path}: schema {data.get('schema') if isinstance(data, dict) else None!r} "
                             f"is not {SCHEMA}; rebuild the bundle with this version of fastattr")
-    return from_dict(BundleManifest, data, source=str(path))
+    manifest = from_dict(BundleManifest, data, source=str(path))
+    if manifest.seal and manifest.seal != _seal(manifest):
+        raise FastattrError(f"{path}: edited after the bundle was written (its seal does not match its content); "
+                            f"restore it, or rebuild the bundle; `fastattr index verify {bundle_dir}` checks the rest")
+    return manifest
 
 
 def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> None:
+    manifest.seal = _seal(manifest)
     save_yaml(manifest, Path(bundle_dir) / Bundle.MANIFEST)
+
+
+def _seal(manifest: BundleManifest) -> str:
+    import hashlib
+
+    content = {k: v for k, v in to_dict(manifest).items() if k != "seal"}
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def bundle_files(bundle_dir: str | Path) -> dict[str, str]:
@@ -151,7 +164,27 @@ class Bundle:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] \
             if path.is_file() else []
 
-    def seal(self) -> None:
+    def check(self) -> None:
+        """Cheap checks before serving (full checksums are `fastattr index verify`'s job): the small
+        files' checksums, and that bundle.yaml, the index and the items store agree on the count."""
+        hint = f"run `fastattr index verify {self.path}` for a full report, then restore or rebuild the bundle"
+        for name in (self.ENCODER,):
+            expected = self.manifest.files.get(name)
+            if expected and (not (self.path / name).is_file() or sha256_file(self.path / name) != expected):
+                raise FastattrError(f"{self.path / name}: changed or missing since the bundle was built; {hint}")
+        try:
+            counts = {"bundle.yaml": self.manifest.items, "index": len(self.index())}
+            with self.items() as store:
+                counts["items store"] = store.count()
+        except FastattrError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises whatever its library raises
+            raise FastattrError(f"{self.path}: damaged ({type(exc).__name__}: {exc}); {hint}") from None
+        if len(set(counts.values())) != 1:
+            raise FastattrError(f"{self.path}: damaged: items counted by " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                                + f" disagree; {hint}")
+
+    def finish(self) -> None:
         """Record the checksum of every file in bundle.yaml and write it (last, as it vouches for the rest)."""
         self.manifest.files = bundle_files(self.path)
         write_manifest(self.path, self.manifest)

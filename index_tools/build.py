@@ -131,7 +131,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
             manifest=ManifestInfo(path=os.path.relpath(manifest_path.resolve(), out), fingerprint=state["manifest_fingerprint"],
                                   accepted=len(vectors), rejected=len(rejects)),
             share_rule=ShareRule("softmax", *calibrate_temperature(index, vectors)))
-        Bundle(tmp, manifest).seal()
+        Bundle(tmp, manifest).finish()
     shutil.rmtree(work, ignore_errors=True)
     return manifest
 
@@ -171,7 +171,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
         current.manifest.rejected += len(rejects)
-        staged.seal()
+        staged.finish()
     shutil.rmtree(work, ignore_errors=True)
     return current
 

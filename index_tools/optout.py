@@ -14,5 +14,5 @@ def remove_items(bundle_dir: str | Path, *, ids: Iterable[str] = (), creator: st
     bundle = Bundle.open(bundle_dir)
     with bundle.items(writable=True) as store:
         count = store.remove(ids=ids, creator=creator, license=license, reason=reason)
-    bundle.seal()
+    bundle.finish()
     return count

@@ -238,7 +238,7 @@ def test_tampering_and_wrong_encoder_are_detected(exact_bundle, tmp_path):
     spec = (copy / "encoder.yaml").read_text()
     (copy / "encoder.yaml").write_text(spec.replace("sandbox-tiny-clip-untuned", "another-encoder"))
     assert not verify_bundle(copy).ok
-    with pytest.raises(FastattrError, match="refusing to serve"):
+    with pytest.raises(FastattrError, match="encoder.yaml: changed or missing since the bundle was built"):
         Attributor.from_bundle(copy)
 
     result = subprocess.run([sys.executable, "-m", "fastattr_hook.cli", "index", "verify", str(copy)],
@@ -324,3 +324,32 @@ def test_add_with_nothing_new_leaves_the_bundle_unchanged(sandbox, exact_bundle,
     assert result.items == len(rows)
     assert {p.name: p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == files
     assert not (tmp_path / "bundle.add.partial").exists()
+
+
+def test_serving_refuses_a_damaged_bundle_by_name(exact_bundle, tmp_path):
+    import shutil
+    import sqlite3
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(exact_bundle, target)
+        return target
+
+    edited = copy("edited")  # an edited share temperature changes every share: bundle.yaml is sealed
+    text = (edited / "bundle.yaml").read_text()
+    (edited / "bundle.yaml").write_text(text.replace("temperature: ", "temperature: 1", 1))
+    with pytest.raises(FastattrError, match="bundle.yaml: edited after the bundle was written"):
+        Attributor.from_bundle(edited, device="cpu")
+    assert not verify_bundle(edited).ok
+
+    corrupt = copy("corrupt")  # a damaged items store: a clear error, not "database disk image is malformed"
+    (corrupt / "items.sqlite").write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
+    with pytest.raises(FastattrError, match="corrupt: damaged .*run `fastattr index verify"):
+        Attributor.from_bundle(corrupt, device="cpu")
+
+    short = copy("short")  # rows deleted behind the bundle's back
+    with sqlite3.connect(short / "items.sqlite") as db:
+        db.execute("DELETE FROM items WHERE key < 3")
+    with pytest.raises(FastattrError, match="items store 157 disagree"):
+        Attributor.from_bundle(short, device="cpu")
+
