@@ -48,7 +48,16 @@ class Attributor:
         return cls(bundle.path, manifest, encoder, bundle.index(), bundle.items())
 
     def refresh(self) -> None:
-        """Re-read opt-outs written by another process (``fastattr index remove``)."""
+        """Follow what other processes changed: opt-outs (``fastattr index remove``) and a bundle
+        replaced by ``fastattr index add`` (its new index and items store are opened)."""
+        bundle = Bundle.open(self.bundle_dir)
+        if bundle.manifest.seal != self.manifest.seal or bundle.manifest.files != self.manifest.files:
+            if bundle.manifest.encoder.fingerprint != self.encoder.fingerprint:
+                raise FastattrError(f"{self.bundle_dir}: now built with encoder '{bundle.manifest.encoder.name}'; "
+                                    f"open it again with Attributor.from_bundle")
+            bundle.check()
+            # Readers in other threads keep the objects they hold; the old ones close when released.
+            self.index, self.store, self.manifest = bundle.index(), bundle.items(), bundle.manifest
         self._removed = np.array(sorted(self.store.removed_keys()), dtype=np.int64)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -263,6 +263,23 @@ def test_opt_out_takes_effect_at_once(exact_bundle, sandbox, tmp_path, rows):
     assert verify_bundle(copy).ok  # checksums were refreshed
 
 
+def test_refresh_follows_a_bundle_replaced_by_add(exact_bundle, sandbox, tmp_path, rows):
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    attributor = Attributor.from_bundle(copy)
+    data = sandbox / "data"
+    extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:3]]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    add_to_bundle(copy, tmp_path / "more.jsonl", _options())  # swaps in a new bundle folder
+    remove_items(copy, ids=[rows[0]["id"], extra[0]["id"]])  # ... and opts out of two items in it
+    attributor.refresh()
+    assert attributor.manifest.items == len(rows) + 3
+    image = Image.open(data / rows[0]["image"])
+    credits = attributor.attribute([image], [rows[0]["caption"]], k=5)[0].credits
+    assert {c.id for c in credits}.isdisjoint({rows[0]["id"], extra[0]["id"]})  # an item removed after add stays out
+    assert not list(copy.parent.glob(".b.*"))  # no leftover of the swap
+
+
 def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_path, rows):
     copy = tmp_path / "b"
     shutil.copytree(exact_bundle, copy)
