@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "link_tree",
+           "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -103,3 +104,22 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # e.g. a file system without exchange
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def link_tree(source: Path, target: Path, copy: tuple[str, ...] = ()) -> None:
+    """Fill ``target`` with hard links to the files of ``source`` (a cheap staging copy: fastattr
+    never changes a file in place, it replaces it), real copies for the names in ``copy`` (files
+    the caller will modify in place, e.g. a SQLite store)."""
+    for path in source.rglob("*"):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.name in copy:
+            shutil.copy2(path, dest)
+            continue
+        try:
+            os.link(path, dest)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, dest)

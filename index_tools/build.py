@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook._io import atomic_dir, atomic_open, atomic_write_text
+from fastattr_hook._io import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, read_manifest
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
@@ -164,7 +164,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         return current
     vectors, rows, rejects = _merge_chunks(work, accepted)
     with atomic_dir(bundle_dir) as tmp:
-        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        link_tree(bundle_dir, tmp, copy=(Bundle.ITEMS,))
         staged = Bundle(tmp, current)
         _append(tmp, staged.index(writable=True), np.asarray(staged.vectors(), dtype=np.float32), vectors, rows,
                 staged.rejects() + rejects, bundle_dir, first_key=first_key)
