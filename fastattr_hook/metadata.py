@@ -147,6 +147,7 @@ def inspect_image(path: str | Path) -> dict:
         "carriers": carriers,
         "agree": not problems,
         "disagreements": problems,
+        "authenticated": _authenticated(records),
         "attribution": best.to_dict() if best else None,
         "other_metadata": {"parameters": others.get("parameters"), "prompt": "prompt" in others,
                            "workflow": "workflow" in others},
@@ -163,6 +164,9 @@ def format_inspection(report: dict) -> str:
     else:
         lines.append("carriers agree: NO")
         lines.extend(f"  - {problem}" for problem in report["disagreements"])
+    lines.append("credits authenticated: yes (a valid C2PA manifest; the other carriers were checked against it)"
+                 if report["authenticated"] else
+                 "credits authenticated: NO (no valid C2PA manifest: anyone can write or edit these credits)")
     attribution = report["attribution"]
     if attribution is None:
         lines.append("no attribution found")
@@ -751,21 +755,41 @@ def _scan(path: Path) -> tuple[str, dict[str, dict], dict[str, str]]:
     return fmt, {name: records[name] for name in CARRIERS if name in records}, others
 
 
+def _authenticated(records: dict[str, dict]) -> bool:
+    """A C2PA manifest that validates and carries our assertion: the only carrier nobody can edit
+    without the signer's key."""
+    record = records.get("c2pa", {})
+    return record.get("value") is not None and record.get("validation_state") in ("Valid", "Trusted")
+
+
 def _best_attribution(records: dict[str, dict]) -> Attribution | None:
-    """Signed first, then embedded, then sidecar; an untruncated copy beats a truncated one."""
-    found = [records[name]["value"] for name in ("c2pa", "png", "exif", "sidecar")
+    """The reference the other carriers are checked against: a validating C2PA manifest, else
+    embedded, then sidecar; an untruncated copy beats a truncated one."""
+    if _authenticated(records):
+        return records["c2pa"]["value"]
+    found = [records[name]["value"] for name in ("png", "exif", "sidecar")
              if name in records and records[name]["value"] is not None]
     return next((a for a in found if not a.truncated), found[0] if found else None)
 
 
-def _same_credits(a: Attribution, b: Attribution) -> bool:
-    """Same ids in the same order (a truncated copy may be a prefix), same k and fingerprints."""
-    ids_a, ids_b = [c.id for c in a.credits], [c.id for c in b.credits]
-    n = min(len(ids_a), len(ids_b))
-    shorter_is_truncated = len(ids_a) == len(ids_b) or (a if len(ids_a) < len(ids_b) else b).truncated
-    return (ids_a[:n] == ids_b[:n] and shorter_is_truncated and a.k == b.k
-            and a.encoder.get("fingerprint") == b.encoder.get("fingerprint")
-            and a.bundle.get("fingerprint") == b.bundle.get("fingerprint"))
+CREDIT_FIELDS = ("id", "rank", "share", "creator", "caption", "license", "source_url", "score")
+
+
+def _differences(name: str, copy: Attribution, reference: Attribution) -> list[str]:
+    """Every field that carrier ``name`` gives otherwise than the reference, named (a truncated
+    copy may hold fewer credits)."""
+    out = [f"{name}: {label} {_shown(x)} instead of {_shown(y)}" for label, x, y in (
+        ("prompt", copy.prompt, reference.prompt), ("k", copy.k, reference.k),
+        ("encoder fingerprint", copy.encoder.get("fingerprint"), reference.encoder.get("fingerprint")),
+        ("bundle fingerprint", copy.bundle.get("fingerprint"), reference.bundle.get("fingerprint"))) if x != y]
+    shorter = copy if len(copy.credits) < len(reference.credits) else reference
+    if len(copy.credits) != len(reference.credits) and not shorter.truncated:
+        out.append(f"{name}: {len(copy.credits)} credits instead of {len(reference.credits)}")
+    for mine, theirs in zip(copy.credits, reference.credits):
+        out += [f"{name}: credit {theirs.rank} {field} {_shown(getattr(mine, field))} instead of "
+                f"{_shown(getattr(theirs, field))}"
+                for field in CREDIT_FIELDS if getattr(mine, field) != getattr(theirs, field)]
+    return out
 
 
 def _disagreements(records: dict[str, dict], best: Attribution | None) -> list[str]:
@@ -776,20 +800,25 @@ def _disagreements(records: dict[str, dict], best: Attribution | None) -> list[s
         return problems
     for name in ("png", "exif", "sidecar", "c2pa"):
         value = records.get(name, {}).get("value")
-        if value is not None and not _same_credits(value, best):
-            problems.append(f"{name}: credits differ from the other carriers")
+        if value is not None and value is not best:
+            problems += _differences(name, value, best)
     summary = records.get("xmp", {}).get("value")
     if summary is not None:
         if summary["digital_source_type"] != DIGITAL_SOURCE_TYPE:
             problems.append(f"xmp: DigitalSourceType is {summary['digital_source_type']!r}")
         if "credits" in summary:
-            ids = [c["id"] for c in summary["credits"]]
-            expected = [_xml_clean(c.id) for c in best.credits[:XMP_TOP]]
-            n = min(len(ids), len(expected))
-            if (ids[:n] != expected[:n] or summary["k"] != best.k
-                    or summary["encoder_fingerprint"] != _xml_clean(best.encoder.get("fingerprint", ""))
-                    or summary["bundle_fingerprint"] != _xml_clean(best.bundle.get("fingerprint", ""))):
-                problems.append("xmp: summary differs from the other carriers")
+            for label, x, y in (("k", summary["k"], best.k),
+                                ("encoder fingerprint", summary["encoder_fingerprint"],
+                                 _xml_clean(best.encoder.get("fingerprint", ""))),
+                                ("bundle fingerprint", summary["bundle_fingerprint"],
+                                 _xml_clean(best.bundle.get("fingerprint", "")))):
+                if x != y:
+                    problems.append(f"xmp: {label} {_shown(x)} instead of {_shown(y)}")
+            for mine, theirs in zip(summary["credits"], best.credits[:XMP_TOP]):
+                expected = {"rank": theirs.rank, "id": _xml_clean(theirs.id), "share": theirs.share,
+                            "creator": None if theirs.creator is None else _xml_clean(theirs.creator)}
+                problems += [f"xmp: credit {theirs.rank} {field} {_shown(mine[field])} instead of "
+                             f"{_shown(value)}" for field, value in expected.items() if mine[field] != value]
     return problems
 
 
@@ -819,6 +848,11 @@ def _describe_carrier(name: str, info: dict) -> str:
         if info.get(key):
             parts.append(f"{key.replace('_', ' ')}: {_printable(info[key])}")
     return ", ".join(parts)
+
+
+def _shown(value: object) -> str:
+    """A value in a disagreement message: quoted text (control characters escaped), bare numbers."""
+    return repr(_printable(value)) if isinstance(value, str) else repr(value)
 
 
 def _printable(value: object) -> str:

@@ -239,7 +239,30 @@ def test_inspect_detects_tampered_xmp(tmp_path):
     data = out.read_bytes()
     out.write_bytes(data.replace(b"<fastattr:id>item-00001<", b"<fastattr:id>item-99999<"))
     report = inspect_image(out)
-    assert report["agree"] is False and report["disagreements"] == ["xmp: summary differs from the other carriers"]
+    assert report["agree"] is False and report["disagreements"] == ["xmp: credit 2 id 'item-99999' instead of 'item-00001'"]
+
+
+def test_inspect_names_every_forged_field_and_says_unauthenticated(tmp_path):
+    attribution = make_attribution()
+    out = save_with_attribution(rgb(), tmp_path / "out.jpg", attribution)
+    creator = attribution.credits[0].creator
+    assert creator and inspect_image(out)["authenticated"] is False
+    assert "credits authenticated: NO" in format_inspection(inspect_image(out))
+
+    data, forged = out.read_bytes(), "M" * len(creator)  # a forged creator in the XMP summary (same length)
+    out.write_bytes(data.replace(f"<fastattr:creator>{creator}<".encode(), f"<fastattr:creator>{forged}<".encode(), 1))
+    report = inspect_image(out)
+    assert report["agree"] is False
+    assert report["disagreements"] == [f"xmp: credit 1 creator '{forged}' instead of '{creator}'"]
+
+    out = save_with_attribution(rgb(), tmp_path / "again.png", attribution)
+    side = sidecar_path(out)  # forged share and caption in the full JSON of the sidecar
+    forged = json.loads(side.read_text())
+    forged["credits"][2]["share"], forged["credits"][3]["caption"] = 0.9, "a forged caption"
+    side.write_text(json.dumps(forged))
+    problems = inspect_image(out)["disagreements"]
+    assert f"sidecar: credit 3 share 0.9 instead of {attribution.credits[2].share}" in problems
+    assert any(p.startswith("sidecar: credit 4 caption 'a forged caption'") for p in problems)
 
 
 def test_image_without_credits(tmp_path):
