@@ -241,7 +241,7 @@ def _encode(image: Image.Image, fmt: str, path: Path) -> bytes:
 
 def _embed(data: bytes, fmt: str, attribution: Attribution, text: dict[str, str],
            max_json_bytes: int, path: Path) -> bytes:
-    xmp = _xmp_packet(attribution)
+    xmp = _merged_xmp(_existing_xmp(data, fmt, path), attribution)
     if fmt == "PNG":
         return _embed_png(data, attribution.truncated_to(max_json_bytes).to_json(), xmp, text, path)
     if fmt == "JPEG":
@@ -602,9 +602,62 @@ def _xmp_packet(attribution: Attribution) -> bytes:
     return "\n".join(lines).encode()
 
 
+def _existing_xmp(data: bytes, fmt: str, path: Path) -> bytes | None:
+    """The XMP packet the image already carries (its rights and IPTC fields must survive)."""
+    if fmt == "PNG":
+        value = _png_text(data, path).get(XMP_KEY)
+        return value.encode() if value else None
+    if fmt == "JPEG":
+        segments, _ = _jpeg_segments(data, path)
+        return next((seg[4:][len(_JPEG_XMP_HEADER):] for seg in segments
+                     if seg[1] == 0xE1 and seg[4:].startswith(_JPEG_XMP_HEADER)), None)
+    return next((body for fourcc, body in _riff_chunks(data, path) if fourcc == b"XMP "), None)
+
+
+def _safe_xml(packet: str | bytes) -> ET.Element:
+    """Parse XMP, refusing DTDs and entities (XMP needs neither; they are how XML bombs expand)."""
+    raw = packet.encode() if isinstance(packet, str) else packet
+    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
+        raise ET.ParseError("XMP with a DTD or entities is refused")
+    return ET.fromstring(raw)
+
+
+def _merged_xmp(existing: bytes | None, attribution: Attribution) -> bytes:
+    """Our XMP merged into the image's own packet: every other property (dc:creator, dc:rights,
+    xmpRights:UsageTerms, IPTC data-mining fields, ...) is kept; ours and DigitalSourceType are
+    replaced. An unreadable packet cannot be merged and is replaced."""
+    ours = _xmp_packet(attribution)
+    if not existing:
+        return ours
+    try:
+        root = _safe_xml(existing)
+        names = {uri: prefix for _, (prefix, uri) in ET.iterparse(io.BytesIO(existing), events=("start-ns",))}
+    except ET.ParseError:
+        return ours
+    rdf = root if root.tag == f"{{{RDF_NS}}}RDF" else root.find(f"{{{RDF_NS}}}RDF")
+    if rdf is None:
+        return ours
+    replaced = (f"{{{IPTC_EXT_NS}}}DigitalSourceType",)
+    for desc in rdf.findall(f"{{{RDF_NS}}}Description"):
+        for child in list(desc):
+            if child.tag.startswith(f"{{{FASTATTR_NS}}}") or child.tag in replaced:
+                desc.remove(child)
+        for key in [k for k in desc.attrib if k.startswith(f"{{{FASTATTR_NS}}}") or k in replaced]:
+            del desc.attrib[key]
+        if not len(desc) and set(desc.attrib) <= {f"{{{RDF_NS}}}about"}:
+            rdf.remove(desc)
+    rdf.append(ET.fromstring(ours).find(f".//{{{RDF_NS}}}Description"))
+    names.update({"adobe:ns:meta/": "x", RDF_NS: "rdf", IPTC_EXT_NS: "Iptc4xmpExt", FASTATTR_NS: "fastattr"})
+    for uri, prefix in names.items():
+        if prefix and not re.fullmatch(r"ns\d+", prefix):
+            ET.register_namespace(prefix, uri)
+    body = ET.tostring(root, encoding="unicode")
+    return f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n{body}\n<?xpacket end="w"?>'.encode()
+
+
 def _parse_xmp(packet: str | bytes) -> dict | None:
     """Our summary from an XMP packet, or None when it has neither our data nor DigitalSourceType."""
-    root = ET.fromstring(packet.encode() if isinstance(packet, str) else packet)
+    root = _safe_xml(packet)
     source_type, ours = None, None
     for desc in root.iter(f"{{{RDF_NS}}}Description"):
         element = desc.find(f"{{{IPTC_EXT_NS}}}DigitalSourceType")

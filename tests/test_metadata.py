@@ -206,6 +206,52 @@ def test_xmp_carries_digital_source_type(tmp_path):
         assert inspect_image(out)["carriers"]["xmp"]["digital_source_type"] == metadata.DIGITAL_SOURCE_TYPE
 
 
+RIGHTS_XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+ <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"
+   xmlns:xmpRights="http://ns.adobe.com/xap/1.0/rights/" xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/">
+  <dc:creator><rdf:Seq><rdf:li>Ana Artist</rdf:li></rdf:Seq></dc:creator>
+  <dc:rights><rdf:Alt><rdf:li xml:lang="x-default">(c) Ana Artist</rdf:li></rdf:Alt></dc:rights>
+  <xmpRights:UsageTerms><rdf:Alt><rdf:li xml:lang="x-default">No AI training</rdf:li></rdf:Alt></xmpRights:UsageTerms>
+  <plus:DataMining>http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED</plus:DataMining>
+ </rdf:Description></rdf:RDF></x:xmpmeta>
+<?xpacket end="w"?>"""
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_writing_credits_keeps_the_images_own_rights_metadata(tmp_path, name):
+    source = tmp_path / ("src-" + name)
+    if name.endswith(".png"):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", RIGHTS_XMP)
+        rgb().save(source, pnginfo=info)
+    else:
+        rgb().save(source, xmp=RIGHTS_XMP.encode())
+    out = tmp_path / name
+    out.write_bytes(source.read_bytes())
+    for n in (3, 4):  # written twice: ours is replaced, theirs kept once
+        write_attribution_in_place(out, make_attribution(n=n))
+    root = xmp_of(out)
+    texts = [e.text for e in root.iter() if e.text and e.text.strip()]
+    for kept in ("Ana Artist", "(c) Ana Artist", "No AI training", "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED"):
+        assert texts.count(kept) == 1, (kept, texts)
+    assert [e.text for e in root.iter(f"{IPTC}DigitalSourceType")] == [metadata.DIGITAL_SOURCE_TYPE]
+    report = inspect_image(out)
+    assert report["agree"] is True and report["carriers"]["xmp"]["credits"] == 4
+
+
+def test_xmp_with_entities_is_refused_not_expanded(tmp_path):
+    bomb = ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/">&b;</x:xmpmeta>')
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", bomb)
+    rgb().save(tmp_path / "bomb.png", pnginfo=info)
+    report = inspect_image(tmp_path / "bomb.png")
+    assert "DTD or entities is refused" in report["carriers"]["xmp"]["error"]
+    write_attribution_in_place(tmp_path / "bomb.png", make_attribution())  # replaced, not merged
+    assert b"ENTITY" not in (tmp_path / "bomb.png").read_bytes()
+
+
 # ----------------------------------------------------------------------------- inspect
 
 def test_inspect_agreement_and_tampering(tmp_path):
