@@ -180,21 +180,29 @@ def _attribute(args) -> int:
             print(f"wrote credits into {target}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
-    else:
+    else:  # captions and creators come from scraped data: control characters are shown escaped
+        from .metadata import printable
+
         for path, result in zip(args.images, results):
             print(f"{path}  (prompt: {result.prompt!r}, {result.timing_ms['total']:.1f} ms)")
             for c in result.credits:
-                print(f"  {c.rank:>3}. {c.id:<24} score {c.score:+.4f}  share {c.share:6.1%}  "
-                      f"{c.creator or '-'} [{c.license or '-'}]  {c.caption[:60]}")
+                print(f"  {c.rank:>3}. {printable(c.id):<24} score {c.score:+.4f}  share {c.share:6.1%}  "
+                      f"{printable(c.creator or '-')} [{printable(c.license or '-')}]  {printable(c.caption[:60])}")
     return 0
 
 
 def _inspect(args) -> int:
-    from .metadata import format_inspection, inspect_image
+    from .metadata import printable, format_inspection, inspect_image
 
-    reports = [inspect_image(path) for path in args.images]
+    reports = []
+    for path in args.images:  # one bad file is reported; the others still are inspected
+        try:
+            reports.append(inspect_image(path))
+        except FastattrError as exc:
+            reports.append({"path": str(path), "error": str(exc), "agree": False})
     print(json.dumps(reports, indent=1, ensure_ascii=False) if args.json
-          else "\n\n".join(format_inspection(r) for r in reports))
+          else "\n\n".join(f"{printable(r['path'])}: {printable(r['error'])}" if "error" in r
+                             else format_inspection(r) for r in reports))
     return 0 if all(r.get("agree", True) for r in reports) else 1
 
 

@@ -156,7 +156,7 @@ def inspect_image(path: str | Path) -> dict:
 
 def format_inspection(report: dict) -> str:
     """Human-readable text of an ``inspect_image`` report; control characters are shown escaped."""
-    lines = [f"{_printable(report['path'])} ({report['format']})", "carriers:"]
+    lines = [f"{printable(report['path'])} ({report['format']})", "carriers:"]
     for name, info in report["carriers"].items():
         lines.append(f"  {name:<8} {_describe_carrier(name, info)}")
     if report["agree"]:
@@ -174,11 +174,11 @@ def format_inspection(report: dict) -> str:
         shown = attribution["credits"][:XMP_TOP]
         lines.append(f"top credits ({len(shown)} of {attribution['k']}):")
         for credit in shown:
-            creator = f" by {_printable(credit['creator'])}" if credit["creator"] else ""
-            lines.append(f"  {credit['rank']:>3}. {credit['share']:6.1%}  {_printable(credit['id'])}{creator}")
+            creator = f" by {printable(credit['creator'])}" if credit["creator"] else ""
+            lines.append(f"  {credit['rank']:>3}. {credit['share']:6.1%}  {printable(credit['id'])}{creator}")
         creators = [c for c in attribution["creators"] if c["creator"]][:5]
         if creators:
-            lines.append("top creators: " + ", ".join(f"{_printable(c['creator'])} {c['share']:.1%}"
+            lines.append("top creators: " + ", ".join(f"{printable(c['creator'])} {c['share']:.1%}"
                                                       for c in creators))
     other = report["other_metadata"]
     lines.append(f"other metadata: A1111 parameters: {'yes' if other['parameters'] else 'no'}, "
@@ -199,10 +199,12 @@ def _format_for_save(path: Path, name: str | None) -> str:
 
 def _open_image(path: Path) -> Image.Image:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise FastattrError(f"{path}: not a regular file")
         return Image.open(path)
     except FileNotFoundError:
         raise FastattrError(f"{path}: no such file") from None
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:
         raise FastattrError(f"{path}: not a readable image ({exc})") from None
 
 
@@ -294,10 +296,12 @@ def _png_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
 
 def _png_text(data: bytes, path: Path) -> dict[str, str]:
     """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine)."""
-    text = {}
+    text, total = {}, 0
     for ctype, raw in _png_chunks(data, path):
         if ctype not in _PNG_TEXT_CHUNKS:
             continue
+        if total > _MAX_TEXT_BYTES:  # many compressed chunks: the cap holds in total, not only per chunk
+            raise FastattrError(f"{path}: text chunks inflate beyond {_MAX_TEXT_BYTES} bytes in total")
         key, _, body = raw[8:-4].partition(b"\x00")
         try:
             if ctype == b"tEXt":
@@ -311,6 +315,7 @@ def _png_text(data: bytes, path: Path) -> dict[str, str]:
         except (zlib.error, UnicodeDecodeError, IndexError):
             continue  # a damaged foreign chunk; ours would then show up as missing
         text[key.decode("latin-1")] = value
+        total += len(value)
     return text
 
 
@@ -773,8 +778,10 @@ def _parse_record(parse) -> dict:
     """``{"value": parse()}``, or ``{"value": None, "error": why}`` for a corrupt carrier."""
     try:
         return {"value": parse(), "error": None}
-    except (FastattrError, ValueError, TypeError, ET.ParseError) as exc:
-        return {"value": None, "error": str(exc)}
+    except (FastattrError, ValueError, TypeError, KeyError, AttributeError, ET.ParseError) as exc:
+        return {"value": None, "error": str(exc)}  # credits of the wrong types, damaged XML, ...
+    except RecursionError:
+        return {"value": None, "error": "nested too deeply"}
 
 
 def _scan(path: Path) -> tuple[str, dict[str, dict], dict[str, str]]:
@@ -899,15 +906,15 @@ def _describe_carrier(name: str, info: dict) -> str:
         parts.append("DigitalSourceType " + info["digital_source_type"].rsplit("/", 1)[-1])
     for key in ("validation_state", "path", "note", "error"):
         if info.get(key):
-            parts.append(f"{key.replace('_', ' ')}: {_printable(info[key])}")
+            parts.append(f"{key.replace('_', ' ')}: {printable(info[key])}")
     return ", ".join(parts)
 
 
 def _shown(value: object) -> str:
     """A value in a disagreement message: quoted text (control characters escaped), bare numbers."""
-    return repr(_printable(value)) if isinstance(value, str) else repr(value)
+    return repr(printable(value)) if isinstance(value, str) else repr(value)
 
 
-def _printable(value: object) -> str:
+def printable(value: object) -> str:
     """Escape newlines and terminal control sequences that captions/creators may carry."""
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))

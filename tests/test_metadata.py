@@ -511,3 +511,35 @@ def test_c2pa_errors(tmp_path, monkeypatch):
     report = inspect_image(plain)
     assert report["carriers"]["c2pa"] == {"present": False, "checked": False}
     assert "pip install 'fastattr[c2pa]'" in format_inspection(report)
+
+
+def _png_with_chunks(path: Path, chunks: list[tuple[bytes, bytes]]) -> Path:
+    """A valid PNG with extra chunks inserted before IEND (CRCs computed)."""
+    buffer = __import__("io").BytesIO()
+    rgb().save(buffer, format="PNG")
+    data = buffer.getvalue()
+    extra = b"".join(struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+                     for ctype, body in chunks)
+    path.write_bytes(data[:-12] + extra + data[-12:])
+    return path
+
+
+def test_hostile_files_are_reported_and_a_batch_continues(tmp_path, capsys):
+    from fastattr_hook.cli import main
+
+    good = save_with_attribution(rgb(), tmp_path / "good.png", make_attribution())
+    bomb = zlib.compress(b"a" * 8_000_000, 9)  # each zTXt inflates to 8 MB; 30 of them: capped in total
+    many = _png_with_chunks(tmp_path / "many.png", [(b"zTXt", b"k%d\x00\x00" % n + bomb) for n in range(30)])
+    deep = _png_with_chunks(tmp_path / "deep.png", [(b"iTXt", b"fastattr\x00\x00\x00\x00\x00" + b"[" * 200_000)])
+    wrong = _png_with_chunks(tmp_path / "wrong.png", [(b"iTXt", b"fastattr\x00\x00\x00\x00\x00" + json.dumps(
+        {"schema": "fastattr/attribution@1", "prompt": 3, "credits": [{"rank": "x"}]}).encode())])
+    fifo = tmp_path / "fifo.png"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(fifo)
+    files = [many, deep, wrong, *([fifo] if fifo.exists() else []), good]
+    assert main(["inspect", *map(str, files)]) == 1  # disagreements and errors, but no traceback and no hang
+    out = capsys.readouterr().out
+    assert "inflate beyond" in out and "nested too deeply" in out and str(good) in out
+    assert out.count("carriers agree: yes") == 1  # the good file after the bad ones still gets its report
+    if fifo.exists():
+        assert "not a regular file" in out
