@@ -122,6 +122,17 @@ def bundle_files(bundle_dir: str | Path) -> dict[str, str]:
             and not p.name.startswith(".")}
 
 
+def shipped_bundle() -> Path | None:
+    """The sandbox bundle that ships with fastattr, or None without the sandbox package. Located,
+    never imported: the runtime does not depend on the sandbox."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastattr_sandbox")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "artifacts" / "default" / "bundle"
+
+
 class Bundle:
     """An index bundle; the folder is the object (as in diffusers' ``from_pretrained``). Every
     file name inside a bundle is spelled here and nowhere else."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,7 +15,7 @@ from fastattr_hook.errors import FastattrError
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastattr_hook.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "fastattr_cli", *args], capture_output=True, text=True)
 
 
 def test_help_lists_subcommands_and_version():
@@ -31,6 +32,20 @@ def test_runtime_import_stays_light():
             "print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_runtime_imports_nothing_above_it():
+    """fastattr_hook is the bottom layer: not even a lazy import of the tools, teacher, sandbox or CLI."""
+    import ast
+
+    above = {"index_tools", "fastattr_teacher", "fastattr_distill", "fastattr_sandbox", "integrations", "fastattr_cli"}
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "fastattr_hook").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in above]
+    assert not found, found
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path):

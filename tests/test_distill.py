@@ -281,7 +281,7 @@ def test_two_processes_train_the_same_head(dataset, micro_sandbox, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "fastattr_hook.cli", "distill", "train", "--config", str(path)],
+                           "-m", "fastattr_cli", "distill", "train", "--config", str(path)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(trained.parent / "head.safetensors"), load_file(tmp_path / "two" / "out" / "head.safetensors")

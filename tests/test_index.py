@@ -84,7 +84,7 @@ def test_cli_attribute_writes_signed_credits_that_inspect_reads(exact_bundle, sa
     pytest.importorskip("c2pa")
     from test_metadata import make_signing_credentials
 
-    from fastattr_hook.cli import main
+    from fastattr_cli import main
 
     signing = make_signing_credentials(tmp_path)
     image = sandbox / "data" / rows[3]["image"]
@@ -241,7 +241,7 @@ def test_tampering_and_wrong_encoder_are_detected(exact_bundle, tmp_path):
     with pytest.raises(FastattrError, match="encoder.yaml: changed or missing since the bundle was built"):
         Attributor.from_bundle(copy)
 
-    result = subprocess.run([sys.executable, "-m", "fastattr_hook.cli", "index", "verify", str(copy)],
+    result = subprocess.run([sys.executable, "-m", "fastattr_cli", "index", "verify", str(copy)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "FAIL" in result.stdout
 
@@ -301,7 +301,7 @@ def test_two_accelerate_processes_build_the_same_bundle(sandbox, exact_bundle, t
     result = subprocess.run(
         # `--multi_gpu` starts 2 processes (CPU + gloo without a GPU); `--cpu` would start only one.
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastattr_hook.cli", "index", "build",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastattr_cli", "index", "build",
          "--manifest", str(sandbox / "data" / "manifest.jsonl"), "--encoder", str(sandbox / "encoder.yaml"),
          "--out", str(out), "--backend", "exact", "--chunk-size", "32"],
         capture_output=True, text=True, timeout=600,

@@ -28,7 +28,7 @@ def bundle(micro_sandbox, tmp_path_factory):
 
 
 def _remove(path, ids):
-    return subprocess.Popen([sys.executable, "-m", "fastattr_hook.cli", "index", "remove", str(path), "--ids", *ids],
+    return subprocess.Popen([sys.executable, "-m", "fastattr_cli", "index", "remove", str(path), "--ids", *ids],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -525,7 +525,7 @@ def _png_with_chunks(path: Path, chunks: list[tuple[bytes, bytes]]) -> Path:
 
 
 def test_hostile_files_are_reported_and_a_batch_continues(tmp_path, capsys):
-    from fastattr_hook.cli import main
+    from fastattr_cli import main
 
     good = save_with_attribution(rgb(), tmp_path / "good.png", make_attribution())
     bomb = zlib.compress(b"a" * 8_000_000, 9)  # each zTXt inflates to 8 MB; 30 of them: capped in total

@@ -133,7 +133,7 @@ def test_shipped_default_sandbox_loads_and_matches_checksums():
 
 def test_cli_generate_offline(tmp_path, micro_sandbox):
     result = subprocess.run(
-        [sys.executable, "-m", "fastattr_hook.cli", "sandbox", "generate", "--prompt", "a red circle",
+        [sys.executable, "-m", "fastattr_cli", "sandbox", "generate", "--prompt", "a red circle",
          "--prompt", "a blue ring", "--out", str(tmp_path / "out"), "--sandbox", str(micro_sandbox), "--steps", "3"],
         capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr

@@ -81,7 +81,7 @@ def run_cli(*args: str, launch: bool = False) -> subprocess.CompletedProcess:
     # (torchrun), which fall back to CPU + gloo without a visible GPU.
     prefix = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"] if launch else []
-    return subprocess.run([sys.executable, *prefix, "-m", "fastattr_hook.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, *prefix, "-m", "fastattr_cli", *args], capture_output=True,
                           text=True, timeout=600, env=ENV)
 
 
@@ -179,7 +179,7 @@ def test_two_processes_equal_one(reference, micro_sandbox, tmp_path):
 def test_killed_run_resumes_to_the_same_results(reference, micro_sandbox, tmp_path):
     config = copy_run(reference, tmp_path, micro_sandbox, ("plan.npz", "images", "fisher.safetensors", "cache"))
     queries = tmp_path / "run" / "queries"
-    proc = subprocess.Popen([sys.executable, "-m", "fastattr_hook.cli", "teacher", "score", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "fastattr_cli", "teacher", "score", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.monotonic() + 300
     while not list(queries.glob("*.npz")) and proc.poll() is None and time.monotonic() < deadline:

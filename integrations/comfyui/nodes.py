@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from fastattr_hook.attribution import Attribution
-from fastattr_hook.bundle import Bundle
+from fastattr_hook.bundle import Bundle, shipped_bundle
 from fastattr_hook.errors import FastattrError
 
 log = logging.getLogger("fastattr.comfyui")
@@ -36,12 +36,9 @@ _RESERVED_TEXT_KEYS = ("fastattr", "XML:com.adobe.xmp")
 # ----------------------------------------------------------------------------- helpers
 
 def default_bundle_path() -> str:
-    """The shipped sandbox bundle, or "" when fastattr_sandbox is not importable."""
-    try:
-        from fastattr_sandbox.build import DEFAULT_SANDBOX
-    except Exception:  # noqa: BLE001 - a broken optional package must not break the node list
-        return ""
-    return str(DEFAULT_SANDBOX / "bundle")
+    """The shipped sandbox bundle, or "" without the sandbox package."""
+    path = shipped_bundle()
+    return "" if path is None else str(path)
 
 
 def resolve_bundle_path(value: str) -> Path:

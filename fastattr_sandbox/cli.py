@@ -1,0 +1,99 @@
+"""``fastattr sandbox ...``: build and use the offline sandbox world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+def _sandbox_build(args) -> int:
+    from fastattr_sandbox import build
+
+    state = build.build(args.out, scale=args.scale, seed=args.seed, force=args.force)
+    print(json.dumps({"sandbox": str(Path(args.out).resolve()), "figures": state["figures"]}, indent=1))
+    return 0
+
+
+def _sandbox_generate(args) -> int:
+    from fastattr_sandbox import build
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    images = build.generate(prompts, root=args.sandbox, seed=args.seed, steps=args.steps,
+                            guidance_scale=args.guidance_scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out / f"{i:03d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def _sandbox_prompts(args) -> int:
+    from fastattr_sandbox import build
+    from fastattr_sandbox.world import grammar_prompts
+    from fastattr_hook._io import atomic_write_text
+
+    root = Path(args.sandbox) if args.sandbox else build.sandbox_dir()
+    data = root / "data"
+    held_out = [json.loads(line) for line in (data / "query_prompts.jsonl").read_text().splitlines() if line]
+    held_out = list({p["prompt"]: {**p, "source": "held-out"} for p in held_out}.values())[:args.count]
+    captions = {json.loads(line)["caption"] for line in (data / "manifest.jsonl").read_text().splitlines() if line}
+    extra = grammar_prompts(args.seed, args.count - len(held_out), captions | {p["prompt"] for p in held_out})
+    rows = held_out + [{**p, "source": "grammar"} for p in extra]
+    atomic_write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{args.out}: {len(held_out)} held-out query prompts of {root} + {len(extra)} new grammar prompts "
+          f"(none is a training caption)")
+    return 0
+
+
+def _sandbox_set_encoder(args) -> int:
+    from fastattr_sandbox import build
+
+    state = build.set_encoder(args.sandbox or build.sandbox_dir(), args.encoder)
+    index = state["figures"]["index"]
+    print(f"bundle rebuilt with encoder '{index['encoder']}' ({'tuned' if index['tuned'] else 'untuned'}); "
+          f"checksums recorded in sandbox.yaml")
+    return 0
+
+
+def _sandbox_verify(args) -> int:
+    from fastattr_sandbox import build
+
+    files = build.verify(args.sandbox)
+    print(f"{build.sandbox_dir(args.sandbox)}: {len(files)} files match sandbox.yaml")
+    return 0
+
+
+def register(commands) -> None:
+    sandbox = commands.add_parser("sandbox", help="build and use the offline sandbox world").add_subparsers(
+        dest="sandbox_command", metavar="ACTION", required=True)
+    p = sandbox.add_parser("build", help="generate the dataset and train the sandbox models (resumable)")
+    p.add_argument("--scale", choices=["micro", "default"], default="default")
+    p.add_argument("--out", required=True, help="sandbox directory to create or resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild every stage")
+    p.set_defaults(func=_sandbox_build)
+    p = sandbox.add_parser("generate", help="sample images with the sandbox text-to-image model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.set_defaults(func=_sandbox_generate)
+    p = sandbox.add_parser("prompts", help="write held-out query prompts plus new prompts from the sandbox "
+                           "grammar (JSONL), e.g. for `fastattr teacher` jobs")
+    p.add_argument("--count", type=int, required=True, help="how many distinct prompts to write")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new grammar prompts")
+    p.set_defaults(func=_sandbox_prompts)
+    p = sandbox.add_parser("set-encoder", help="rebuild the sandbox's bundle with another encoder (e.g. the "
+                           "distilled one in SANDBOX/tuned/) and record it")
+    p.add_argument("--encoder", required=True, help="encoder spec inside the sandbox folder")
+    p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
+    p.set_defaults(func=_sandbox_set_encoder)
+    p = sandbox.add_parser("verify", help="check a sandbox's files against its checksums")
+    p.add_argument("sandbox", nargs="?")
+    p.set_defaults(func=_sandbox_verify)

@@ -1,0 +1,128 @@
+"""``fastattr index ...``: build, verify and edit index bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastattr_hook.errors import FastattrError
+
+def _backend_params(pairs: list[str]) -> dict | None:
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FastattrError(f"--backend-param '{pair}' must look like key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params or None
+
+
+def _build_options(args):
+    from index_tools.build import BuildOptions
+
+    return BuildOptions(backend=getattr(args, "backend", None), backend_params=_backend_params(getattr(args, "backend_param", [])),
+                        chunk_size=args.chunk_size, num_workers=args.workers, device=args.device,
+                        feature_cache=args.feature_cache)
+
+
+def _index_build(args) -> int:
+    from index_tools.build import build_bundle
+
+    manifest = build_bundle(args.manifest, args.encoder, args.out, _build_options(args), resume=args.resume,
+                            name=args.name)
+    if manifest is not None:
+        print(f"{args.out}: {manifest.items} items ({manifest.manifest.rejected} rows rejected, see "
+              f"{Path(args.out) / 'rejects.jsonl'}), backend {manifest.backend}, dim {manifest.dim}")
+    return 0
+
+
+def _index_add(args) -> int:
+    from index_tools.build import add_to_bundle
+
+    manifest = add_to_bundle(args.bundle, args.manifest, _build_options(args), resume=args.resume)
+    print(f"{args.bundle}: now {manifest.items} items ({manifest.manifest.rejected} rows rejected in total)")
+    return 0
+
+
+def _index_verify(args) -> int:
+    from index_tools.verify import verify_bundle
+
+    report = verify_bundle(args.bundle, deep=args.deep, sample=args.sample, min_recall=args.min_recall)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def _index_info(args) -> int:
+    from fastattr_hook.bundle import Bundle
+    from fastattr_hook.config import to_dict
+
+    bundle = Bundle.open(args.bundle)
+    manifest = bundle.manifest
+    with bundle.items() as store:
+        removed = len(store.removed_keys())
+    info = {**to_dict(manifest), "fingerprint": manifest.fingerprint, "removed": removed}
+    info.pop("files")
+    print(json.dumps(info, indent=1) if args.json else "\n".join(
+        f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items()))
+    return 0
+
+
+def _index_remove(args) -> int:
+    from index_tools.optout import remove_items
+
+    count = remove_items(args.bundle, ids=args.ids or (), creator=args.creator, license=args.license,
+                         reason=args.reason)
+    print(f"{args.bundle}: {count} items removed (they no longer appear in results)")
+    return 0
+
+
+def register(commands) -> None:
+    index = commands.add_parser("index", help="build, verify and edit index bundles").add_subparsers(
+        dest="index_command", metavar="ACTION", required=True)
+
+    def embed_options(p):
+        p.add_argument("--resume", action="store_true", help="continue a killed build")
+        p.add_argument("--chunk-size", type=int, default=1024, help="rows per checkpointed chunk")
+        p.add_argument("--workers", type=int, default=0, help="DataLoader workers for image decoding")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        p.add_argument("--feature-cache", help="folder of stored backbone features (shared with `fastattr distill`): "
+                       "rows whose features are there skip the backbones")
+
+    p = index.add_parser("build", help="embed a training manifest into a new bundle")
+    p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet manifest, or webdataset .tar shard(s)")
+    p.add_argument("--encoder", required=True, help="encoder spec YAML")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact for small sets, else usearch")
+    p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
+                   help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
+    p.add_argument("--name", help="the bundle's name, recorded in every credit (default: the --out folder name)")
+    embed_options(p)
+    p.set_defaults(func=_index_build)
+    p = index.add_parser("add", help="append a manifest's rows to a bundle")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--manifest", required=True, help="manifest of the new rows (ids already in the bundle are rejected)")
+    embed_options(p)
+    p.set_defaults(func=_index_add)
+    p = index.add_parser("verify", help="check structure, checksums, counts, encoder; --deep re-embeds a sample")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--deep", action="store_true", help="also re-embed a sample of items from their source images and "
+                   "measure the backend's recall@10 against exact search")
+    p.add_argument("--sample", type=int, default=32, help="with --deep: how many items to re-embed (default 32)")
+    p.add_argument("--min-recall", type=float, default=0.95, help="with --deep: fail below this recall@10 "
+                   "(default 0.95)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_index_verify)
+    p = index.add_parser("info", help="show a bundle's description")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=_index_info)
+    p = index.add_parser("remove", help="opt items out (by id, creator or license); effective at once")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--ids", nargs="+", help="training ids to remove")
+    p.add_argument("--creator", help="remove every item of this creator")
+    p.add_argument("--license", help="remove every item under this license")
+    p.add_argument("--reason", default="opt-out", help="recorded with each removal (default: opt-out)")
+    p.set_defaults(func=_index_remove)
