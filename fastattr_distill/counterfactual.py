@@ -258,7 +258,8 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     """Train this process's share of the runs that have no model yet (reference first)."""
     from safetensors.torch import save
 
-    from fastattr_teacher.adapter import load_pipeline, read_training_items
+    from fastattr_hook.pipeline import load_pipeline
+    from fastattr_teacher.adapter import read_training_items
     from index_tools.build import distributed
 
     rank, world, _, launched = distributed()
@@ -291,7 +292,8 @@ def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict
     from PIL import Image
     from safetensors.torch import load_file
 
-    from fastattr_teacher.adapter import UNetAdapter, load_pipeline
+    from fastattr_hook.pipeline import load_pipeline
+    from fastattr_teacher.adapter import UNetAdapter
 
     meta = load_plan(job, config_path)
     missing = [run for run in meta["runs"] if not done(job, meta, run)]

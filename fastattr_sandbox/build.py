@@ -232,21 +232,14 @@ def verify(root: str | Path | None = None) -> dict[str, str]:
 
 
 def load_pipeline(root: str | Path | None = None, check: bool = True):
-    """The sandbox's StableDiffusionPipeline, loaded from local files only."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
+    """The sandbox's StableDiffusionPipeline (checked against its checksums first, unless ``check``
+    is False), loaded by the one pipeline loader."""
+    from fastattr_hook.pipeline import load_pipeline as load
 
     root = sandbox_dir(root)
     if check:
         verify(root)
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", local_files_only=True)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load(root / "pipeline")
 
 
 def generate(prompts: list[str], root: str | Path | None = None, seed: int = 0, steps: int = 25,
@@ -282,10 +275,7 @@ def evaluate(root: Path, seed: int = 0, batch: int = 40) -> dict:
     import open_clip
 
     queries = [json.loads(line) for line in (root / "data" / "query_prompts.jsonl").read_text().splitlines()]
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(root, check=False)
     images: list[Image.Image] = []
     for i in range(0, len(queries), batch):
         images += generate([q["prompt"] for q in queries[i:i + batch]], pipe=pipe, seed=seed + i)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fastattr_hook._io import atomic_write_text
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.pipeline import load_pipeline
 
 log = logging.getLogger(__name__)
 ENCODE_CHUNK = 256  # training items encoded between checkpoints of the encoding cache
@@ -52,19 +53,6 @@ def read_training_items(manifest: str | Path) -> list[TrainingItem]:
     if not items:
         raise FastattrError(f"{manifest}: no usable training rows; validate it with index_tools")
     return items
-
-
-def load_pipeline(folder: str | Path):
-    """A local diffusers StableDiffusionPipeline folder (no network, no safety checker). One loader,
-    so curation generates its queries with exactly the model the teacher scores."""
-    from diffusers import StableDiffusionPipeline
-
-    if not (Path(folder) / "model_index.json").is_file():
-        raise FastattrError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @dataclass

@@ -40,7 +40,9 @@ from fastattr_hook.errors import FastattrError
 from index_tools.build import distributed
 from index_tools.manifest import manifest_fingerprint
 
-from .adapter import TrainingItem, UNetAdapter, load_pipeline, read_training_items
+from fastattr_hook.pipeline import load_pipeline
+
+from .adapter import TrainingItem, UNetAdapter, read_training_items
 from .config import TeacherConfig
 from .fisher import FISHER_FIELDS
 from .preconditioner import compute_preconditioner, load_preconditioner
