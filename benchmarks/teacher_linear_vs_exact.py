@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastattr_distill.metrics import average_precision, mean_and_stderr, recall_at, spearman  # noqa: E402
-from fastattr_teacher import UNetAdapter, compute_preconditioner, score_query  # noqa: E402
+from fastattr_teacher import compute_preconditioner, score_query  # noqa: E402
 from fastattr_teacher.curate import _query_image, _teacher_inputs, load_job, load_plan  # noqa: E402
 
 

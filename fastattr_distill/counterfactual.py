@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_path, atomic_write_text
+from fastattr_hook.files import atomic_open, atomic_path, atomic_write_text
 from fastattr_hook.config import load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 
@@ -275,7 +275,7 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     for run in mine:
         unet = retrain(job, frozen, meta["runs"][run], Path(job.out) / "work" / run_stem(meta, run), f"retrain {run}")
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-        from fastattr_hook._io import atomic_write_bytes
+        from fastattr_hook.files import atomic_write_bytes
 
         atomic_write_bytes(model_path(job, meta, run), save(state))
         log.info("%s: retrained without %d items", run, len(meta["runs"][run]))

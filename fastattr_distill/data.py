@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fastattr_hook._io import sha256_file
+from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastattr_hook._io import atomic_path, atomic_write_text
+from fastattr_hook.files import atomic_path, atomic_write_text
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
 

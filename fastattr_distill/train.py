@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_write_text
+from fastattr_hook.files import atomic_open, atomic_write_text
 from fastattr_hook.config import load_yaml, save_yaml, to_dict
 from fastattr_hook.encoder import Encoder, EncoderSpec, relocated_spec
 from fastattr_hook.errors import FastattrError
@@ -115,7 +115,7 @@ def query_features(encoder: Encoder, data: DistillDataset, cache: str | Path | N
     """[Q, D] backbone features of the dataset's queries (generated image + prompt)."""
     from PIL import Image
 
-    from fastattr_hook._io import sha256_file
+    from fastattr_hook.files import sha256_file
 
     def loader(path: str):
         def load():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ._io import sha256_file
+from .files import sha256_file
 from .config import from_dict, save_yaml, to_dict
 from .errors import FastattrError
 

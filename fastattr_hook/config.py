@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from ._io import atomic_write_text
+from .files import atomic_write_text
 from .errors import FastattrError
 
 __all__ = ["from_dict", "to_dict", "load_yaml", "save_yaml"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._io import sha256_file
+from .files import sha256_file
 from .config import load_yaml, to_dict
 from .errors import FastattrError
 from .head import AttributionHead, load_head

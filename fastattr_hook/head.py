@@ -96,6 +96,6 @@ def load_head(path: str | Path) -> AttributionHead:
 def save_head(head: AttributionHead, path: str | Path) -> None:
     from safetensors.torch import save
 
-    from ._io import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in head.state_dict().items()}))

@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import __version__
-from ._io import atomic_open, atomic_write_text
+from .files import atomic_open, atomic_write_text
 from .attribution import SCHEMA, Attribution
 from .errors import FastattrError
 

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._io import atomic_open, atomic_path
+from .files import atomic_open, atomic_path
 from .errors import FastattrError
 
 __all__ = ["BACKENDS", "EXACT_MAX_ITEMS", "VectorIndex", "create_index", "default_backend", "load_index",

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from fastattr_hook import __version__
-from fastattr_hook._io import atomic_dir, atomic_write_text, sha256_file
+from fastattr_hook.files import atomic_dir, atomic_write_text, sha256_file
 from fastattr_hook.errors import FastattrError
 
 from . import models, train, world

@@ -31,7 +31,7 @@ def _sandbox_generate(args) -> int:
 def _sandbox_prompts(args) -> int:
     from fastattr_sandbox import build
     from fastattr_sandbox.world import grammar_prompts
-    from fastattr_hook._io import atomic_write_text
+    from fastattr_hook.files import atomic_write_text
 
     root = Path(args.sandbox) if args.sandbox else build.sandbox_dir()
     data = root / "data"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastattr_hook._io import atomic_write_text
+from fastattr_hook.files import atomic_write_text
 
 from . import world
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_write_text
+from fastattr_hook.files import atomic_open, atomic_write_text
 
 from . import models
 

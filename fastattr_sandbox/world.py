@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_write_bytes, atomic_write_text
+from fastattr_hook.files import atomic_write_bytes, atomic_write_text
 
 SHAPE_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

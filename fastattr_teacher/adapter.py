@@ -24,7 +24,7 @@ from PIL import Image
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_write_text
+from fastattr_hook.files import atomic_write_text
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.pipeline import load_pipeline
 

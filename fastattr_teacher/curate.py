@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook._io import atomic_open, atomic_path
+from fastattr_hook.files import atomic_open, atomic_path
 from fastattr_hook.config import from_dict, load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 from index_tools.build import distributed

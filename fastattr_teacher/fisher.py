@@ -30,7 +30,7 @@ from safetensors.torch import save
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_write_bytes
+from fastattr_hook.files import atomic_write_bytes
 from fastattr_hook.config import to_dict
 from fastattr_hook.errors import FastattrError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fastattr_hook import __version__
-from fastattr_hook._io import atomic_open, sha256_file
+from fastattr_hook.files import atomic_open, sha256_file
 from fastattr_hook.config import save_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 

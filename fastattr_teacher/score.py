@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_write_bytes
+from fastattr_hook.files import atomic_write_bytes
 
 from .adapter import TrainingItem, UNetAdapter
 from .config import TeacherConfig

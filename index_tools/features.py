@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fastattr_hook._io import atomic_open, atomic_write_text
+from fastattr_hook.files import atomic_open, atomic_write_text
 from fastattr_hook.encoder import Encoder
 
 CHUNK = 256  # pairs per stored chunk: the most a killed job recomputes

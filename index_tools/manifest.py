@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from fastattr_hook._io import sha256_file
+from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from fastattr_hook._io import atomic_dir, link_tree
+from fastattr_hook.files import atomic_dir, link_tree
 from fastattr_hook.bundle import Bundle
 
 

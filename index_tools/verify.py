@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastattr_hook._io import sha256_file
+from fastattr_hook.files import sha256_file
 from fastattr_hook.bundle import Bundle
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastattr_hook._io import atomic_write_text
+from fastattr_hook.files import atomic_write_text
 from fastattr_hook.attribution import Attribution
 from fastattr_hook.attributor import Attributor
 from fastattr_hook.metadata import save_with_attribution

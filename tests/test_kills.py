@@ -3,7 +3,6 @@ before or the one after the removal, verifies, and serves. A few kills here, 20 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

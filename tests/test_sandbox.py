@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fastattr_hook._io import sha256_file
+from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
 from fastattr_sandbox import build, world
 

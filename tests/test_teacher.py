@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastattr_hook._io import atomic_write_text
+from fastattr_hook.files import atomic_write_text
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher import (FisherDiagonal, Scores, TeacherConfig, UNetAdapter, add_update, compute_fisher_diagonal,
                               item_losses, load_teacher_config, newton_update, per_sample_grads, pretrain_losses,

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from fastattr_hook._io import sha256_file
+from fastattr_hook.files import sha256_file
 from fastattr_hook.bundle import read_manifest
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher.curate import Plan, curate, load_job, load_plan, run_fisher, score_queue

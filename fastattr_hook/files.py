@@ -1,4 +1,5 @@
-"""Small file helpers shared by every long job: atomic writes and checksums.
+"""The one home of the file helpers every package shares: atomic writes, atomic folder swaps,
+staging copies and checksums.
 
 Every file fastattr writes goes through a temporary file in the same directory followed by
 ``os.replace``, so a killed job never leaves a half-written file behind.
