@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 def _sandbox_build(args) -> int:
@@ -17,6 +18,7 @@ def _sandbox_generate(args) -> int:
     from fastattr_sandbox import build
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    print(f"loading the sandbox pipeline, then sampling {len(prompts)} images ...", file=sys.stderr)
     images = build.generate(prompts, root=args.sandbox, seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance_scale)
     out = Path(args.out)

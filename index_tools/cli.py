@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from fastattr_hook.errors import FastattrError
@@ -50,6 +51,8 @@ def _index_add(args) -> int:
 def _index_verify(args) -> int:
     from index_tools.verify import verify_bundle
 
+    print(f"checking {args.bundle}" + (" (loading the encoder to re-embed a sample) ..." if args.deep else " ..."),
+          file=sys.stderr)
     report = verify_bundle(args.bundle, deep=args.deep, sample=args.sample, min_recall=args.min_recall)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())
     return 0 if report.ok else 1
