@@ -70,8 +70,6 @@ class DistillConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     outlier_rate: float = 0.1
     pairs_per_query: int | None = None  # per epoch, a fresh random draw of this many candidates per query (None: all)
-    top_fraction: float = 0.0  # pairs in the top share of each teacher ranking (label < this) ...
-    top_weight: float = 1.0  # ... weigh this much in the loss: mAP is decided at the top of the ranking
     val_fraction: float = 0.1  # train queries held out to pick the best epoch
     seed: int = 0
     device: str | None = None  # default: accelerate's device for the process, else cuda when available
@@ -85,8 +83,7 @@ def load_config(path: str | Path) -> DistillConfig:
                                             for k in PATH_KEYS if getattr(config, k) is not None})
     checks = [(config.epochs >= 1, "epochs", ">= 1"), (config.batch_size >= 1, "batch_size", ">= 1"),
               (0 <= config.outlier_rate < 1, "outlier_rate", "in [0, 1)"),
-              (0 <= config.val_fraction < 1, "val_fraction", "in [0, 1)"), (len(config.betas) == 2, "betas", "two numbers"),
-              (0 <= config.top_fraction <= 1, "top_fraction", "in [0, 1]"), (config.top_weight > 0, "top_weight", "> 0")]
+              (0 <= config.val_fraction < 1, "val_fraction", "in [0, 1)"), (len(config.betas) == 2, "betas", "two numbers")]
     for ok, key, rule in checks:
         if not ok:
             raise FastattrError(f"{path}: key '{key}' must be {rule}")
@@ -321,8 +318,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             mine = batch[rank::world]  # DDP averages over processes: sum / global size x world = the batch mean
             y = torch.from_numpy(epoch_pairs.label[mine]).to(device)
             z = batch_logits(scorer, fq, fi, epoch_pairs.query[mine], epoch_pairs.item[mine])
-            weight = torch.where(y < config.top_fraction, config.top_weight, 1.0)
-            loss = F.binary_cross_entropy_with_logits(z, y, weight, reduction="sum") * world / len(batch)
+            loss = F.binary_cross_entropy_with_logits(z, y, reduction="sum") * world / len(batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
