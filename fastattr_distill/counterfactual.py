@@ -255,11 +255,13 @@ def done(job: CounterfactualJob, meta: dict, run: str) -> bool:
 
 
 def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> list[str]:
-    """Train this process's share of the runs that have no model yet (reference first)."""
+    """Train this process's share of the runs without a result yet (reference first) and measure
+    each at once: its small result file (committed as the work goes) is what ``report`` needs."""
     from safetensors.torch import save
 
+    from fastattr_hook.files import atomic_write_bytes
     from fastattr_hook.pipeline import load_pipeline
-    from fastattr_teacher.adapter import read_training_items
+    from fastattr_teacher.adapter import UNetAdapter, read_training_items
     from index_tools.build import distributed
 
     rank, world, _, launched = distributed()
@@ -272,13 +274,13 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     pipe = load_pipeline(pipeline_dir(data)).to(device)
     by_id = {item.id: item for item in read_training_items(data.manifest)}
     frozen = _Frozen(pipe, [by_id[str(i)] for i in data.train_ids], device)
+    adapter = UNetAdapter(pipe, device)
     for run in mine:
         unet = retrain(job, frozen, meta["runs"][run], Path(job.out) / "work" / run_stem(meta, run), f"retrain {run}")
         state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-        from fastattr_hook.files import atomic_write_bytes
-
         atomic_write_bytes(model_path(job, meta, run), save(state))
-        log.info("%s: retrained without %d items", run, len(meta["runs"][run]))
+        _measure_run(job, data, pipe, adapter, meta, run, state)
+        log.info("%s: retrained without %d items and measured", run, len(meta["runs"][run]))
     return mine
 
 
@@ -286,10 +288,37 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
 
 
 @torch.no_grad()
-def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict[str, dict]:
-    """{run: {"loss", "image" (regenerated, [H, W, 3] in 0..1)}} for every trained run, cached per
-    run in ``out/results/``; dL, MSE and similarity need the reference, computed in ``report``."""
+def _measure_run(job: CounterfactualJob, data: DistillDataset, pipe, adapter, meta: dict, run: str,
+                 state: dict) -> dict:
+    """The run's query loss on seeded (noise, timestep) pairs and its regenerated image(s), written
+    to ``out/results/``; the reference is measured on every query."""
     from PIL import Image
+
+    pipe.unet.load_state_dict(state)
+    queries = meta["queries"] if run == "reference" else [_query_of(data, run)]
+    losses, images = [], []
+    for q in queries:
+        with Image.open(data.image[q]) as image:
+            latents, text = adapter.encode_query(image.convert("RGB"), str(data.prompt[q]))
+        gen = torch.Generator().manual_seed(job.seed * 7919 + int(q))
+        noise = torch.randn((job.eval_pairs, *latents.shape[1:]), generator=gen).to(adapter.device)
+        t = torch.randint(0, adapter.num_train_timesteps, (job.eval_pairs,), generator=gen).to(adapter.device)
+        loss = torch.cat([adapter.loss(latents.expand(len(n), -1, -1, -1), text.expand(len(n), -1, -1), n, s)
+                          for n, s in zip(noise.split(64), t.split(64))])
+        losses.append(float(loss.double().mean()))
+        sample = pipe(str(data.prompt[q]), num_inference_steps=job.sample_steps, guidance_scale=job.guidance_scale,
+                      generator=torch.Generator().manual_seed(int(data.seed[q])), output_type="np").images[0]
+        images.append(sample.astype(np.float32))
+    result = {"query": np.array(queries), "loss": np.array(losses), "image": np.stack(images)}
+    with atomic_open(result_path(job, meta, run), "wb") as f:
+        np.savez(f, **result)
+    return result
+
+
+def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict[str, dict]:
+    """{run: {"query", "loss", "image" (regenerated, [H, W, 3] in 0..1)}} of every run, from the
+    result files (a run trained before results were written is measured from its model now); dL,
+    MSE and similarity need the reference and are computed in ``report``."""
     from safetensors.torch import load_file
 
     from fastattr_hook.pipeline import load_pipeline
@@ -300,35 +329,19 @@ def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict
     if missing:
         raise FastattrError(f"{job.out}: {len(missing)} runs are not trained yet (e.g. {missing[0]}); run "
                             f"`fastattr distill counterfactual train --config {config_path}`")
-    data = load_dataset(job.dataset)
-    device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_pipeline(pipeline_dir(data)).to(device)
-    adapter = UNetAdapter(pipe, device)
-    results = {}
-    for run in tqdm(meta["runs"], desc="measure runs", unit="run"):
+    results, pipe = {}, None
+    for run in tqdm(meta["runs"], desc="read results", unit="run"):
         path = result_path(job, meta, run)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 results[run] = {name: z[name] for name in z.files}
             continue
-        pipe.unet.load_state_dict(load_file(model_path(job, meta, run)))
-        queries = meta["queries"] if run == "reference" else [_query_of(data, run)]
-        losses, images = [], []
-        for q in queries:
-            with Image.open(data.image[q]) as image:
-                latents, text = adapter.encode_query(image.convert("RGB"), str(data.prompt[q]))
-            gen = torch.Generator().manual_seed(job.seed * 7919 + int(q))
-            noise = torch.randn((job.eval_pairs, *latents.shape[1:]), generator=gen).to(device)
-            t = torch.randint(0, adapter.num_train_timesteps, (job.eval_pairs,), generator=gen).to(device)
-            loss = torch.cat([adapter.loss(latents.expand(len(n), -1, -1, -1), text.expand(len(n), -1, -1), n, s)
-                              for n, s in zip(noise.split(64), t.split(64))])
-            losses.append(float(loss.double().mean()))
-            sample = pipe(str(data.prompt[q]), num_inference_steps=job.sample_steps, guidance_scale=job.guidance_scale,
-                          generator=torch.Generator().manual_seed(int(data.seed[q])), output_type="np").images[0]
-            images.append(sample.astype(np.float32))
-        results[run] = {"query": np.array(queries), "loss": np.array(losses), "image": np.stack(images)}
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **results[run])
+        if pipe is None:
+            data = load_dataset(job.dataset)
+            device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            pipe = load_pipeline(pipeline_dir(data)).to(device)
+            adapter = UNetAdapter(pipe, device)
+        results[run] = _measure_run(job, data, pipe, adapter, meta, run, load_file(model_path(job, meta, run)))
     return results
 
 
