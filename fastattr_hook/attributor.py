@@ -36,7 +36,7 @@ class Attributor:
         fingerprint must still match the one the bundle was built with.
         """
         bundle = Bundle.open(path)
-        bundle.check()
+        index, store = bundle.serve()
         manifest = bundle.manifest
         if not isinstance(encoder, Encoder):
             encoder = Encoder.from_yaml(encoder, device=device) if encoder else bundle.encoder(device)
@@ -45,7 +45,7 @@ class Attributor:
                 f"{path}: refusing to serve with encoder '{encoder.spec.name}' ({encoder.fingerprint[:19]}...): "
                 f"the bundle was built with '{manifest.encoder.name}' ({manifest.encoder.fingerprint[:19]}...). "
                 "Use the encoder the bundle was built with, or rebuild the bundle with this encoder.")
-        return cls(bundle.path, manifest, encoder, bundle.index(), bundle.items())
+        return cls(bundle.path, manifest, encoder, index, store)
 
     def refresh(self) -> None:
         """Follow what other processes changed: opt-outs (``fastattr index remove``) and a bundle
@@ -55,9 +55,9 @@ class Attributor:
             if bundle.manifest.encoder.fingerprint != self.encoder.fingerprint:
                 raise FastattrError(f"{self.bundle_dir}: now built with encoder '{bundle.manifest.encoder.name}'; "
                                     f"open it again with Attributor.from_bundle")
-            bundle.check()
+            index, store = bundle.serve()
             # Readers in other threads keep the objects they hold; the old ones close when released.
-            self.index, self.store, self.manifest = bundle.index(), bundle.items(), bundle.manifest
+            self.index, self.store, self.manifest = index, store, bundle.manifest
         self._removed = np.array(sorted(self.store.removed_keys()), dtype=np.int64)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .files import sha256_file
 from .config import from_dict, save_yaml, to_dict
 from .errors import FastattrError
+from .files import sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -175,25 +175,25 @@ class Bundle:
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] \
             if path.is_file() else []
 
-    def check(self) -> None:
-        """Cheap checks before serving (full checksums are `fastattr index verify`'s job): the small
-        files' checksums, and that bundle.yaml, the index and the items store agree on the count."""
+    def serve(self) -> tuple["VectorIndex", "ItemStore"]:
+        """The index (memory-mapped) and the items store, opened for serving after cheap checks (full
+        checksums are `fastattr index verify`'s job): encoder.yaml's checksum, files that open, and
+        bundle.yaml, the index and the items store agreeing on the count."""
         hint = f"run `fastattr index verify {self.path}` for a full report, then restore or rebuild the bundle"
-        for name in (self.ENCODER,):
-            expected = self.manifest.files.get(name)
-            if expected and (not (self.path / name).is_file() or sha256_file(self.path / name) != expected):
-                raise FastattrError(f"{self.path / name}: changed or missing since the bundle was built; {hint}")
+        spec, expected = self.path / self.ENCODER, self.manifest.files.get(self.ENCODER)
+        if expected and (not spec.is_file() or sha256_file(spec) != expected):
+            raise FastattrError(f"{spec}: changed or missing since the bundle was built; {hint}")
         try:
-            counts = {"bundle.yaml": self.manifest.items, "index": len(self.index())}
-            with self.items() as store:
-                counts["items store"] = store.count()
-        except FastattrError:
+            index, items = self.index(), self.items()
+            counts = {"bundle.yaml": self.manifest.items, "index": len(index), "items store": items.count()}
+        except FastattrError:  # already says what is wrong (e.g. a backend that is not installed)
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged file raises whatever its library raises
             raise FastattrError(f"{self.path}: damaged ({type(exc).__name__}: {exc}); {hint}") from None
         if len(set(counts.values())) != 1:
             raise FastattrError(f"{self.path}: damaged: items counted by " + ", ".join(f"{k} {v}" for k, v in counts.items())
                                 + f" disagree; {hint}")
+        return index, items
 
     def finish(self) -> None:
         """Record the checksum of every file in bundle.yaml and write it (last, as it vouches for the rest)."""
