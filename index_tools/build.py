@@ -25,10 +25,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, read_manifest
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.items import ItemStore
 from fastattr_hook.search import create_index, default_backend
 
