@@ -201,6 +201,7 @@ class ManifestRow:
                                                f"(at most {MAX_IMAGE_PIXELS >> 20} Mpixels and an aspect ratio of "
                                                f"{MAX_ASPECT}:1); crop or resize it, or remove the row")
 
+
 def as_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB the way a viewer shows the image: EXIF orientation applied, 16- and 32-bit
     greyscale scaled down (Pillow's own ``convert`` clips them to white)."""
