@@ -324,6 +324,7 @@ def test_counterfactual_batch_order_only_skips_removed_items():
     assert np.array_equal(without.ravel(), full.ravel()[~np.isin(full.ravel(), [3, 17, 42])][:240])
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, tmp_path, monkeypatch):
     from fastattr_distill import counterfactual as cf
     from fastattr_sandbox import train as sandbox_train

@@ -132,6 +132,7 @@ def test_ekfac_round_trip_and_same_draws_as_the_diagonal(sandbox_ekfac, tmp_path
     assert all(out[n].shape == grads[n].shape and torch.isfinite(out[n]).all() for n in out)
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_ekfac_self_attribution(sandbox_ekfac):
     adapter, items, fisher = sandbox_ekfac
     q = 68

@@ -296,6 +296,7 @@ def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_
     assert {c.id for c in result.credits} == {rows[0]["id"], rows[0]["id"] + "-again"}
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_two_accelerate_processes_build_the_same_bundle(sandbox, exact_bundle, tmp_path):
     out = tmp_path / "dist"
     result = subprocess.run(

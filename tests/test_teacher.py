@@ -254,6 +254,7 @@ def test_scores_ranking():
     assert scores.rank_of("a") == 2 and scores.rank_of("d") == 3
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_linear_scoring_agrees_with_exact(teacher_run, micro_sandbox, tmp_path):
     """``scoring: linear`` (first-order term, cached item gradients) ranks like the exact teacher, and
     its chunked gradient cache serves the same numbers to a fresh adapter."""

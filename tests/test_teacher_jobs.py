@@ -151,6 +151,7 @@ def test_plan_and_merged_dataset(reference, micro_sandbox, tmp_path):
     assert np.array_equal(partial["tau"], data["tau"][:12])
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_same_config_twice_gives_identical_results(reference, micro_sandbox, tmp_path):
     job = load_job(write_job(tmp_path, micro_sandbox))
     curate(job)
@@ -165,6 +166,7 @@ def test_same_config_twice_gives_identical_results(reference, micro_sandbox, tmp
     assert job.image_path("train-00001").read_bytes() == (reference / "images" / "train-00001.png").read_bytes()
 
 
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_two_processes_equal_one(reference, micro_sandbox, tmp_path):
     # The Fisher and loss cache come from the reference: they are single-process steps (checked above).
     config = copy_run(reference, tmp_path, micro_sandbox, ("fisher.safetensors", "cache"))
