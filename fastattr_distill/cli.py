@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+
 def _distill_logging():
     """Per-epoch and per-run log lines above the progress bars."""
     import logging

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import FastattrError
 
+
 def _attribute(args) -> int:
     from PIL import Image
 

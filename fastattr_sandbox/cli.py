@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+
 def _sandbox_build(args) -> int:
     from fastattr_sandbox import build
 

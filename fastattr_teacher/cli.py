@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _teacher(args) -> int:
     import logging
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastattr_hook.errors import FastattrError
 
+
 def _backend_params(pairs: list[str]) -> dict | None:
     params = {}
     for pair in pairs or []:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def _demo(args) -> int:
     from integrations.demo import run_demo
 
