@@ -488,10 +488,48 @@ def _load_exif(raw: bytes | None, path: Path) -> dict:
         return {"0th": {}, "Exif": {}, "GPS": {}, "Interop": {}, "1st": {}, "thumbnail": None}
     if raw[:4] not in (b"II*\x00", b"MM\x00*"):  # piexif would take anything else for a file name
         raise FastattrError(f"{path}: its EXIF block is corrupt; strip it and try again")
+    problem = _exif_bounds_problem(raw)
+    if problem:  # checked before piexif, which allocates whatever sizes a fuzzed block claims
+        raise FastattrError(f"{path}: its EXIF block is corrupt ({problem}); strip it and try again")
     try:
         return piexif.load(raw)
     except (ValueError, struct.error, IndexError) as exc:
         raise FastattrError(f"{path}: its EXIF block cannot be parsed ({exc}); strip it and try again") from None
+
+
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+_EXIF_POINTERS = (0x8769, 0x8825, 0xA005)  # Exif, GPS and Interop sub-IFDs
+
+
+def _exif_bounds_problem(raw: bytes) -> str | None:
+    """Walk the TIFF IFDs without decoding values: every entry's count x type size must fit in the
+    block and no IFD may be visited twice. None when the structure is sound."""
+    order = "<" if raw[:2] == b"II" else ">"
+    pending, seen = [(struct.unpack(order + "I", raw[4:8])[0], True)], set()
+    while pending:
+        offset, chained = pending.pop()  # IFD0 links to IFD1 (thumbnail); sub-IFDs may omit the link
+        if offset == 0:
+            continue
+        if offset in seen or len(seen) > 64:
+            return "IFD loop"
+        seen.add(offset)
+        if offset + 2 > len(raw):
+            return f"IFD at {offset} beyond the block's {len(raw)} bytes"
+        (count,) = struct.unpack(order + "H", raw[offset:offset + 2])
+        end = offset + 2 + 12 * count
+        if end + (4 if chained else 0) > len(raw):
+            return f"IFD at {offset} claims {count} entries"
+        for n in range(count):
+            tag, kind, items = struct.unpack(order + "HHI", raw[offset + 2 + 12 * n:offset + 10 + 12 * n])
+            size = _TIFF_TYPE_SIZES.get(kind, 1) * items
+            (value,) = struct.unpack(order + "I", raw[offset + 10 + 12 * n:offset + 14 + 12 * n])
+            if size > 4 and value + size > len(raw):
+                return f"tag 0x{tag:04X} claims {size} bytes"
+            if tag in _EXIF_POINTERS:
+                pending.append((value, False))
+        if chained and len(seen) == 1:
+            pending.append((struct.unpack(order + "I", raw[end:end + 4])[0], False))
+    return None
 
 
 def _user_comment(exif: dict) -> str | None:

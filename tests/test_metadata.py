@@ -543,3 +543,14 @@ def test_hostile_files_are_reported_and_a_batch_continues(tmp_path, capsys):
     assert out.count("carriers agree: yes") == 1  # the good file after the bad ones still gets its report
     if fifo.exists():
         assert "not a regular file" in out
+
+
+def test_fuzzed_exif_claiming_gigabytes_is_refused_before_piexif(tmp_path):
+    """A 1 KB JPEG whose EXIF entry claims 0x40000000 LONGs: refused by our bounds walk, no allocation."""
+    good = save_with_attribution(rgb(), tmp_path / "good.jpg", make_attribution())
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x010F, 4, 0x40000000, 26) \
+        + struct.pack("<I", 0)
+    rgb().save(tmp_path / "fuzzed.jpg", exif=b"Exif\x00\x00" + tiff)
+    with pytest.raises(FastattrError, match="EXIF block is corrupt .*claims 4294967296 bytes"):
+        inspect_image(tmp_path / "fuzzed.jpg")
+    assert inspect_image(good)["agree"] is True  # a sound block still reads
