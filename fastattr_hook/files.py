@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "link_tree",
-           "sha256_file"]
+__all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "changed_files",
+           "link_tree", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -65,6 +65,19 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def changed_files(root: Path, recorded: dict[str, str]) -> list[tuple[str, str]]:
+    """(relative path, "missing" or "changed") for every file that no longer matches its recorded
+    sha256: the one check behind `fastattr index verify` and the sandbox's own verification."""
+    out = []
+    for rel, expected in recorded.items():
+        path = root / rel
+        if not path.is_file():
+            out.append((rel, "missing"))
+        elif sha256_file(path) != expected:
+            out.append((rel, "changed"))
+    return out
 
 
 @contextlib.contextmanager

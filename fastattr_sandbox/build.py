@@ -27,7 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from fastattr_hook import __version__
-from fastattr_hook.files import atomic_dir, atomic_write_text, sha256_file
+from fastattr_hook.files import atomic_dir, atomic_write_text, changed_files, sha256_file
 from fastattr_hook.errors import FastattrError
 
 from . import models, train, world
@@ -222,12 +222,9 @@ def verify(root: str | Path | None = None) -> dict[str, str]:
     """Check every recorded checksum; raises naming the first bad file."""
     root = sandbox_dir(root)
     state = read_state(root)
-    for rel, expected in state["files"].items():
-        path = root / rel
-        if not path.is_file():
-            raise FastattrError(f"{path}: missing from the sandbox; {rebuild_hint(root)}")
-        if sha256_file(path) != expected:
-            raise FastattrError(f"{path}: checksum mismatch (file changed or corrupted); {rebuild_hint(root)}")
+    for rel, problem in changed_files(root, state["files"])[:1]:
+        detail = "missing from the sandbox" if problem == "missing" else "checksum mismatch (file changed or corrupted)"
+        raise FastattrError(f"{root / rel}: {detail}; {rebuild_hint(root)}")
     return state["files"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastattr_hook.files import sha256_file
+from fastattr_hook.files import changed_files
 from fastattr_hook.bundle import Bundle
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
@@ -63,13 +63,8 @@ def verify_bundle(path: str | Path, deep: bool = False, sample: int = 32, min_re
         return report
     report.add("structure", True, f"schema {manifest.schema}, backend {manifest.backend}, {manifest.items} items")
 
-    bad = []
-    for rel, expected in manifest.files.items():
-        file = path / rel
-        if not file.is_file():
-            bad.append(f"{rel} missing")
-        elif sha256_file(file) != expected:
-            bad.append(f"{rel} changed (checksum mismatch)")
+    bad = [f"{rel} missing" if problem == "missing" else f"{rel} changed (checksum mismatch)"
+           for rel, problem in changed_files(path, manifest.files)]
     listed = set(manifest.files)
     extra = [p.relative_to(path).as_posix() for p in path.rglob("*")
              if p.is_file() and p.name != Bundle.MANIFEST and not p.name.startswith(".")
