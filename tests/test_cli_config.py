@@ -32,6 +32,11 @@ def test_runtime_import_stays_light():
             "print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+    # the whole command line (every package's subcommands) parses without torch: --help stays instant
+    code = ("import sys, fastattr_cli; fastattr_cli.build_parser(); "
+            "print([m for m in ('torch', 'diffusers', 'open_clip') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 def test_the_runtime_imports_nothing_above_it():
