@@ -125,9 +125,10 @@ def plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict:
                             f"{config_path}")
     rankings = method_rankings(job, data, queries)
     runs = {"reference": []}
-    # The tuned runs last: the runs a new head leaves unchanged are trained first, and kept.
-    for method in sorted(rankings, key=lambda m: m == "tuned"):
-        for i, q in enumerate(queries):
+    # Query by query, so that a partial run already holds complete paired comparisons; within a
+    # query the tuned runs last, as a new head changes only those.
+    for i, q in enumerate(queries):
+        for method in sorted(rankings, key=lambda m: m == "tuned"):
             for k in job.k:
                 runs[f"{data.query_id[q]}-{method}-k{k}"] = sorted(int(r) for r in rankings[method][i, :k])
     meta = {"settings": _settings(job), "model": UNetAdapter.from_pretrained(pipeline_dir(data)).fingerprint(),
@@ -359,6 +360,13 @@ def interval(values) -> tuple[float, float]:
     return float(values.mean()), float(t * values.std(ddof=1) / np.sqrt(len(values)))
 
 
+def _paired(a: dict[str, list], b: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    """The dL of two methods on the queries both have runs for (a partial run may lack some)."""
+    common = sorted(set(a["query"]) & set(b["query"]))
+    return (np.array([a["dL"][a["query"].index(q)] for q in common]),
+            np.array([b["dL"][b["query"].index(q)] for q in common]))
+
+
 def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, command: str) -> dict:
     """Per K and method: dL, regeneration MSE and image similarity (mean and 95% interval over the
     queries), paired differences of the tuned encoder against untuned and random; JSON, md, PNG."""
@@ -397,11 +405,11 @@ def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, co
         entry = {m: {name: interval(v[name]) for name in ("dL", "mse", "similarity")} for m, v in methods.items()}
         for other in ("untuned", "random"):
             if "tuned" in methods and other in methods:
-                a, b = methods["tuned"], methods[other]
-                assert a["query"] == b["query"]
-                entry[f"tuned - {other}"] = {"dL": interval(np.subtract(a["dL"], b["dL"]))}
-        if "tuned" in entry and "teacher" in entry:
-            entry["tuned / teacher dL"] = entry["tuned"]["dL"][0] / entry["teacher"]["dL"][0]
+                a, b = _paired(methods["tuned"], methods[other])
+                entry[f"tuned - {other}"] = {"dL": interval(a - b)}
+        if "tuned" in methods and "teacher" in methods:
+            a, b = _paired(methods["tuned"], methods["teacher"])
+            entry["tuned / teacher dL"] = float(a.mean() / b.mean())
         table["k"][str(k)] = entry
     _write(table, Path(out), command)
     return table

@@ -390,3 +390,12 @@ def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, 
     job_yaml.write_text(job_yaml.read_text().replace("steps: 6", "steps: 7"))
     with pytest.raises(FastattrError, match="key 'steps' differs from the plan"):
         cf.train_runs(cf.load_job(job_yaml), job_yaml)
+
+
+def test_counterfactual_pairs_methods_on_the_queries_both_have():
+    from fastattr_distill.counterfactual import _paired
+
+    tuned = {"query": [3, 5], "dL": [0.3, 0.5]}  # a partial run: query 7 not retrained for tuned yet
+    untuned = {"query": [7, 5, 3], "dL": [0.07, 0.05, 0.03]}
+    a, b = _paired(tuned, untuned)
+    assert a.tolist() == [0.3, 0.5] and b.tolist() == [0.03, 0.05]
