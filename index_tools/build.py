@@ -3,12 +3,16 @@
 The build streams the manifest, embeds accepted rows in chunks and checkpoints each chunk
 (``<out>.partial/chunks/``) so a killed build resumes without redoing or duplicating work.
 Under ``accelerate launch`` every process embeds a disjoint set of chunks; the main process
-merges them. The finished bundle appears atomically (temp directory + rename).
+merges them. With ``--ray`` this process hands the chunks to Ray actors instead (``ray_build.py``;
+on a multi-node cluster ``<out>.partial`` must be on storage every node shares). The finished
+bundle appears atomically (temp directory + rename).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -49,6 +53,9 @@ class BuildOptions:
     device: str | None = None
     progress: bool = True
     feature_cache: str | None = None  # a FeatureStore folder: backbone features computed once (see features.py)
+    ray: bool = False  # embed on Ray actors (ray_build.py); `build` only
+    ray_address: str | None = None  # with ray: HOST:PORT of a cluster; None: $RAY_ADDRESS, else a local Ray
+    ray_workers: int | None = None  # with ray: actors; None: one per GPU of the cluster, else one per CPU
 
 
 class _ChunkDataset(torch.utils.data.Dataset):
@@ -96,7 +103,24 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     options = options or BuildOptions()
     manifest_path, encoder_spec, out = Path(manifest_path), Path(encoder_spec), Path(out).resolve()
     rank, world, barrier, device = distributed()
-    encoder = Encoder.from_yaml(encoder_spec, device=options.device or device)
+    work = out.with_name(out.name + ".partial")
+    pool = None
+    if options.ray:
+        if world > 1:
+            raise FastattrError("--ray and accelerate launch / torchrun both split the chunks across workers; "
+                                "run `fastattr index build --ray ...` as one plain process")
+        if options.device:
+            raise FastattrError(f"--device {options.device} does not apply with --ray: each Ray worker uses the "
+                                "GPU Ray gives it, else CPU; leave out --device")
+        from .ray_build import RayChunkPool
+
+        # paths as every worker sees them (workers have another working directory)
+        manifest_path, encoder_spec = manifest_path.resolve(), encoder_spec.resolve()
+        if options.feature_cache:
+            options = dataclasses.replace(options, feature_cache=str(Path(options.feature_cache).resolve()))
+        pool = RayChunkPool(encoder_spec, work, options)  # checks Ray and the address before the encoder loads
+    # with --ray this process only checks the fingerprint and dimension: on CPU, the GPUs are the workers'
+    encoder = Encoder.from_yaml(encoder_spec, device="cpu" if options.ray else options.device or device)
     if out.exists():
         done = read_manifest(out) if resume and (out / Bundle.MANIFEST).is_file() else None
         if done and done.manifest.fingerprint == manifest_fingerprint(manifest_path) and \
@@ -104,12 +128,11 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
             log.info("%s: already complete (same manifest and encoder); nothing to resume", out)
             return done if rank == 0 else None
         raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
-    work = out.with_name(out.name + ".partial")
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
              "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size}
-    _prepare_work_dir(work, state, resume, rank, barrier)
-
-    accepted = _embed_manifest(manifest_path, encoder, work, options, rank, world, seen_ids=())
+    with pool or contextlib.nullcontext():
+        _prepare_work_dir(work, state, resume, rank, barrier)
+        accepted = _embed_manifest(manifest_path, encoder, work, options, rank, world, seen_ids=(), pool=pool)
     barrier()
     if rank != 0:
         return None
@@ -140,6 +163,8 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
                   resume: bool = False) -> BundleManifest:
     """Append a manifest's rows to an existing bundle (same encoder); ids already present are rejected."""
     options = options or BuildOptions()
+    if options.ray:
+        raise FastattrError("--ray is for `fastattr index build` only; `index add` embeds in this process")
     bundle_dir, manifest_path = Path(bundle_dir).resolve(), Path(manifest_path)
     bundle = Bundle.open(bundle_dir)
     current = bundle.manifest
@@ -215,16 +240,21 @@ def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier)
 
 
 def _embed_manifest(manifest_path: Path, encoder: Encoder, work: Path, options: BuildOptions, rank: int,
-                    world: int, seen_ids) -> int:
-    """Embed every chunk this process owns that is not on disk yet; returns rows accepted so far."""
+                    world: int, seen_ids, pool=None) -> int:
+    """Embed every chunk this process owns that is not on disk yet (in this process, or by the Ray
+    actors of ``pool``); returns rows accepted so far."""
     rejects_path = work / "rejects-manifest.jsonl" if rank == 0 else None
     if rejects_path:
         rejects_path.unlink(missing_ok=True)  # re-derived on every pass: structure checks are cheap
 
     def flush(chunk_index: int, rows: list[tuple[int, ManifestRow]]) -> None:
-        if chunk_index % world == rank and not (work / "chunks" / f"{chunk_index:06d}.npz").is_file():
+        if chunk_index % world != rank or (work / "chunks" / f"{chunk_index:06d}.npz").is_file():
+            bar.update(len(rows))
+        elif pool is not None:
+            bar.update(pool.submit(chunk_index, rows))  # counts the chunks that finished while it waited
+        else:
             _embed_chunk(chunk_index, rows, encoder, work, options)
-        bar.update(len(rows))
+            bar.update(len(rows))
 
     bar = tqdm(desc=f"embed{f' [{rank}/{world}]' if world > 1 else ''}", unit="img", disable=not options.progress)
     seq, chunk = 0, []
@@ -240,6 +270,8 @@ def _embed_manifest(manifest_path: Path, encoder: Encoder, work: Path, options: 
                 chunk = []
         if chunk:
             flush((seq - 1) // options.chunk_size, chunk)
+    if pool is not None:
+        bar.update(pool.drain())
     bar.close()
     return seq
 

@@ -25,9 +25,14 @@ def _backend_params(pairs: list[str]) -> dict | None:
 def _build_options(args):
     from index_tools.build import BuildOptions
 
+    ray = getattr(args, "ray", False)
+    for flag in ("ray_address", "ray_workers"):
+        if getattr(args, flag, None) is not None and not ray:
+            raise FastattrError(f"--{flag.replace('_', '-')} only applies with --ray; add --ray")
     return BuildOptions(backend=getattr(args, "backend", None), backend_params=_backend_params(getattr(args, "backend_param", [])),
                         chunk_size=args.chunk_size, num_workers=args.workers, device=args.device,
-                        feature_cache=args.feature_cache)
+                        feature_cache=args.feature_cache, ray=ray, ray_address=getattr(args, "ray_address", None),
+                        ray_workers=getattr(args, "ray_workers", None))
 
 
 def _index_build(args) -> int:
@@ -103,6 +108,13 @@ def register(commands) -> None:
     p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
                    help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
     p.add_argument("--name", help="the bundle's name, recorded in every credit (default: the --out folder name)")
+    p.add_argument("--ray", action="store_true", help="embed on Ray workers, one per GPU (pip install "
+                   "'fastattr[ray]'); on several nodes, <out>.partial, the images and the encoder files must be on "
+                   "shared storage. `index add` has no --ray")
+    p.add_argument("--ray-address", metavar="ADDR", help="with --ray: the cluster's HOST:PORT (`ray start --head` "
+                   "prints it) or ray://HOST:PORT; default $RAY_ADDRESS, else Ray starts on this machine")
+    p.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: how many workers (default: one per "
+                   "GPU of the cluster, else one per CPU)")
     embed_options(p)
     p.set_defaults(func=_index_build)
     p = index.add_parser("add", help="append a manifest's rows to a bundle")

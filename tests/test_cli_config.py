@@ -28,13 +28,13 @@ def test_help_lists_subcommands_and_version():
 
 def test_runtime_import_stays_light():
     code = ("import sys, fastattr_hook, fastattr_hook.attribution, fastattr_hook.cli; "
-            "heavy = [m for m in ('torch', 'diffusers', 'open_clip', 'fastattr_sandbox') if m in sys.modules]; "
+            "heavy = [m for m in ('torch', 'diffusers', 'open_clip', 'fastattr_sandbox', 'ray') if m in sys.modules]; "
             "print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
     # the whole command line (every package's subcommands) parses without torch: --help stays instant
     code = ("import sys, fastattr_cli; fastattr_cli.build_parser(); "
-            "print([m for m in ('torch', 'diffusers', 'open_clip') if m in sys.modules])")
+            "print([m for m in ('torch', 'diffusers', 'open_clip', 'ray') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
 
