@@ -1,0 +1,118 @@
+"""PNG carrier: the attribution JSON, the XMP packet and other text as chunks before the image data."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+from ..errors import FastattrError
+
+PNG_KEY = "fastattr"
+XMP_KEY = "XML:com.adobe.xmp"
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_MAX_TEXT_BYTES = 64 << 20  # cap on one inflated PNG text chunk (decompression bombs)
+
+
+def _png_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+    """(type, raw chunk bytes incl. length and CRC) up to IEND; raw bytes are re-used untouched."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise FastattrError(f"{path}: not a PNG file")
+    chunks, pos = [], len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        chunks.append((ctype, data[pos:end]))
+        pos = end
+        if ctype == b"IEND":
+            return chunks
+    raise FastattrError(f"{path}: PNG is truncated or corrupt (no IEND chunk)")
+
+
+def _png_text(data: bytes, path: Path) -> dict[str, str]:
+    """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine)."""
+    text, total = {}, 0
+    for ctype, raw in _png_chunks(data, path):
+        if ctype not in _PNG_TEXT_CHUNKS:
+            continue
+        if total > _MAX_TEXT_BYTES:  # many compressed chunks: the cap holds in total, not only per chunk
+            raise FastattrError(f"{path}: text chunks inflate beyond {_MAX_TEXT_BYTES} bytes in total")
+        key, _, body = raw[8:-4].partition(b"\x00")
+        try:
+            if ctype == b"tEXt":
+                value = body.decode("latin-1")
+            elif ctype == b"zTXt":
+                value = _inflate(body[1:]).decode("latin-1")
+            else:  # iTXt: compression flag, method, language NUL, translated keyword NUL, text
+                _, _, rest = body[2:].partition(b"\x00")
+                _, _, rest = rest.partition(b"\x00")
+                value = (_inflate(rest) if body[0] else rest).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError):
+            continue  # a damaged foreign chunk; ours would then show up as missing
+        text[key.decode("latin-1")] = value
+        total += len(value)
+    return text
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, _MAX_TEXT_BYTES)
+    if inflater.unconsumed_tail:
+        raise zlib.error(f"text chunk inflates beyond {_MAX_TEXT_BYTES} bytes")
+    return out
+
+
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
+def _png_text_chunk(key: str, value: str) -> bytes:
+    """tEXt when Latin-1 can hold the value (what ComfyUI/A1111 readers expect), else iTXt.
+
+    Pillow's ``iTXt`` values (read from an iTXt chunk) stay iTXt with their language tags.
+    """
+    lang, tkey = getattr(value, "lang", None), getattr(value, "tkey", None)
+    if lang is None and tkey is None:
+        try:
+            return _png_chunk(b"tEXt", key.encode("latin-1") + b"\x00" + value.encode("latin-1"))
+        except UnicodeEncodeError:
+            pass
+    return _png_itxt(key, value, lang or "", tkey or "")
+
+
+def _png_itxt(key: str, value: str, lang: str = "", tkey: str = "") -> bytes:
+    # keyword NUL, compression flag 0, method 0, language tag NUL, translated keyword NUL, text
+    header = key.encode("latin-1") + b"\x00\x00\x00" + lang.encode() + b"\x00" + tkey.encode() + b"\x00"
+    return _png_chunk(b"iTXt", header + value.encode())
+
+
+def _check_png_keyword(key: str, path: Path) -> None:
+    ok = (0 < len(key) < 80 and key == key.strip() and "  " not in key
+          and all(32 <= ord(ch) <= 126 or 161 <= ord(ch) <= 255 for ch in key))
+    if not ok:
+        raise FastattrError(f"{path}: {key!r} cannot be a PNG text keyword "
+                            "(1-79 printable Latin-1 characters, no leading/trailing/double spaces)")
+
+
+def _embed_png(data: bytes, json_text: str, xmp: bytes, text: dict[str, str], path: Path) -> bytes:
+    for key in text:
+        _check_png_keyword(key, path)
+    replaced = {PNG_KEY.encode(), XMP_KEY.encode(), *(key.encode("latin-1") for key in text)}
+    kept = []
+    for ctype, raw in _png_chunks(data, path):
+        if ctype == b"caBX":  # previous C2PA manifest: its hash no longer matches
+            continue
+        if ctype in _PNG_TEXT_CHUNKS and raw[8:].split(b"\x00", 1)[0] in replaced:
+            continue
+        kept.append((ctype, raw))
+    first_idat = next((i for i, (ctype, _) in enumerate(kept) if ctype == b"IDAT"), None)
+    if first_idat is None:
+        raise FastattrError(f"{path}: PNG has no image data (IDAT chunk)")
+    new = [_png_itxt(PNG_KEY, json_text), _png_itxt(XMP_KEY, xmp.decode()),
+           *(_png_text_chunk(key, value) for key, value in text.items())]
+    return (_PNG_SIGNATURE + b"".join(raw for _, raw in kept[:first_idat]) + b"".join(new)
+            + b"".join(raw for _, raw in kept[first_idat:]))

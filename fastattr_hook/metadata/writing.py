@@ -1,0 +1,123 @@
+"""Writing: splice every carrier into the encoded file, sign it, and replace the file atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from pathlib import Path
+
+from PIL import Image
+
+from ..attribution import Attribution
+from ..errors import FastattrError
+from ..files import atomic_open
+from .c2pa import C2paConfig, _sign_c2pa
+from .common import _open_image, _supported_format
+from .jpeg import _embed_jpeg
+from .png import PNG_KEY, XMP_KEY, _embed_png
+from .sidecar import _write_sidecar
+from .webp import _embed_webp
+from .xmp import _existing_xmp, _merged_xmp
+
+_SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_NAMED_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def save_with_attribution(image: Image.Image, path: str | Path, attribution: Attribution, *,
+                          format: str | None = None, sidecar: bool = True,
+                          c2pa: C2paConfig | None = None, extra_text: dict[str, str] | None = None,
+                          max_json_bytes: int = 65536,
+                          pnginfo_from: Image.Image | None = None) -> Path:
+    """Encode ``image`` to ``path`` (atomically) with every carrier; returns ``path``.
+
+    Text already on the image (PNG text chunks, e.g. ComfyUI ``prompt``/``workflow`` or A1111
+    ``parameters``), on ``pnginfo_from`` and in ``extra_text`` is kept: as PNG text chunks, or for
+    JPEG/WebP as ``key:value`` EXIF strings the way ComfyUI stores them in WebP. EXIF, ICC profile
+    and dpi of ``image`` are kept too.
+    """
+    path = Path(path)
+    fmt = _format_for_save(path, format)
+    text = {**_text_of(pnginfo_from), **_text_of(image), **(extra_text or {})}
+    data = _embed(_encode(image, fmt, path), fmt, attribution, text, max_json_bytes, path)
+    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
+
+
+def write_attribution_in_place(path: str | Path, attribution: Attribution, *, sidecar: bool = True,
+                               c2pa: C2paConfig | None = None,
+                               extra_text: dict[str, str] | None = None,
+                               max_json_bytes: int = 65536) -> Path:
+    """Add or replace the carriers of an existing PNG/JPEG/WebP without re-encoding its pixels.
+
+    Everything else in the file is kept byte for byte, except a previous fastattr payload, XMP
+    packet and C2PA manifest (all replaced). Atomic: on any error the original file is untouched.
+    """
+    path = Path(path)
+    with _open_image(path) as image:
+        fmt = _supported_format(image, path)
+    data = _embed(path.read_bytes(), fmt, attribution, extra_text or {}, max_json_bytes, path)
+    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
+
+
+def _format_for_save(path: Path, name: str | None) -> str:
+    fmt = _NAMED_FORMATS.get(name.lower()) if name else _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        what = f"format {name!r}" if name else f"suffix {path.suffix!r}"
+        raise FastattrError(f"{path}: unsupported {what}; fastattr writes .png, .jpg/.jpeg and .webp")
+    return fmt
+
+
+def _text_of(image: Image.Image | None) -> dict[str, str]:
+    """Text metadata to carry over: all PNG text chunks, or str entries of ``info``; not ours."""
+    if image is None:
+        return {}
+    text = getattr(image, "text", None)  # PNG files: every text chunk, even those after IDAT
+    if text is None:
+        text = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    return {k: v for k, v in text.items() if k not in (PNG_KEY, XMP_KEY)}
+
+
+def _encode(image: Image.Image, fmt: str, path: Path) -> bytes:
+    """Pixels plus the image's own EXIF/ICC/dpi; the carriers are spliced in afterwards."""
+    options = {key: image.info[key] for key in ("exif", "icc_profile", "dpi") if image.info.get(key)}
+    if fmt == "JPEG":
+        keep = image.format == "JPEG"  # re-use the source's quantisation instead of a fixed quality
+        options.update(quality="keep" if keep else 95, subsampling="keep" if keep else 0)
+    elif fmt == "WEBP":
+        options["quality"] = 95
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, fmt, **options)
+    except (OSError, ValueError) as exc:
+        raise FastattrError(f"cannot write {path} as {fmt}: {exc}") from None
+    return buffer.getvalue()
+
+
+def _embed(data: bytes, fmt: str, attribution: Attribution, text: dict[str, str],
+           max_json_bytes: int, path: Path) -> bytes:
+    xmp = _merged_xmp(_existing_xmp(data, fmt, path), attribution)
+    if fmt == "PNG":
+        return _embed_png(data, attribution.truncated_to(max_json_bytes).to_json(), xmp, text, path)
+    if fmt == "JPEG":
+        return _embed_jpeg(data, attribution, xmp, text, max_json_bytes, path)
+    return _embed_webp(data, attribution, xmp, text, max_json_bytes, path)
+
+
+def _write_carriers(path: Path, data: bytes, fmt: str, attribution: Attribution, c2pa: C2paConfig | None,
+                    sidecar: bool) -> Path:
+    """Sign (optionally), then write the image atomically and its sidecar."""
+    if c2pa is not None:
+        data = _sign_c2pa(data, fmt, attribution, c2pa, path)
+    _write_image(path, data)
+    if sidecar:
+        _write_sidecar(path, attribution)
+    return path
+
+
+def _write_image(path: Path, data: bytes) -> None:
+    """Temp file + rename; a file being replaced keeps its permissions (not the temp file's 0600)."""
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    with atomic_open(path) as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
+        f.write(data)
