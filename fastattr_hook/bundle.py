@@ -4,7 +4,7 @@
                     share-rule calibration, tool version, sha256 of every other file
     encoder.yaml    the encoder spec (paths relative to the bundle where possible)
     index/          the vector index file(s) of the backend
-    items.sqlite    key -> id, caption, creator, license, source_url, sha256, thumbnail, removed flag
+    items.sqlite    key -> the item's fields (``items.Item``), thumbnail, removed flag
     rejects.jsonl   manifest rows the build skipped, with the reason
 """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,19 +31,25 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_creator ON items(creator);
 CREATE INDEX IF NOT EXISTS items_license ON items(license);
 """
-FIELDS = ("key", "id", "caption", "creator", "license", "source_url", "sha256", "image")
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Item:
-    key: int
+    """A training item's descriptive fields: the one record of them. The store keeps one per vector
+    (its columns follow these fields), a credit names one, and the manifest reader's ``ManifestRow``
+    extends it with where the row came from."""
+
     id: str
     caption: str
-    creator: str | None
-    license: str | None
-    source_url: str | None
-    sha256: str | None
-    image: str | None
+    creator: str | None = None
+    license: str | None = None
+    source_url: str | None = None
+    sha256: str | None = None  # hex digest of the image file's bytes
+    image: str | None = None  # an ``index_tools.manifest.ImageRef`` as text; relative to the bundle once stored
+    key: int | None = None  # the vector's key in the bundle; None until the store assigns one
+
+
+FIELDS = tuple(f.name for f in fields(Item))  # the store's columns for an Item, in its order
 
 
 class ItemStore:
@@ -68,12 +74,13 @@ class ItemStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def insert(self, rows: Iterable[tuple]) -> None:
-        """rows: (key, id, caption, creator, license, source_url, sha256, image, thumbnail)."""
+    def insert(self, items: Iterable[tuple[Item, bytes | None]]) -> None:
+        """Store (item, thumbnail PNG) pairs; each item carries the key of its vector."""
+        columns = (*FIELDS, "thumbnail")
         with self._lock, self._conn:
             self._conn.executemany(
-                "INSERT INTO items (key, id, caption, creator, license, source_url, sha256, image, thumbnail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                f"INSERT INTO items ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                ([*(getattr(item, name) for name in FIELDS), thumbnail] for item, thumbnail in items))
 
     def get(self, keys: Iterable[int]) -> dict[int, Item]:
         keys = [int(k) for k in keys]
@@ -82,7 +89,8 @@ class ItemStore:
         with self._lock:
             cursor = self._conn.execute(
                 f"SELECT {', '.join(FIELDS)} FROM items WHERE key IN ({','.join('?' * len(keys))})", keys)
-            return {row[0]: Item(*row) for row in cursor}
+            items = [Item(*row) for row in cursor]
+        return {item.key: item for item in items}
 
     def thumbnail(self, key: int) -> bytes | None:
         with self._lock:

@@ -33,7 +33,8 @@ ENCODE_CHUNK = 256  # training items encoded between checkpoints of the encoding
 
 
 class TrainingItem(Protocol):
-    """What the teacher needs of a training item; ``index_tools.manifest.ManifestRow`` is one."""
+    """What the teacher needs of a training item, structurally: the record of an item's fields is
+    ``fastattr_hook.items.Item``, and its manifest form ``index_tools.manifest.ManifestRow`` is one."""
 
     id: str
     captions: tuple[str, ...]  # one or more (MSCOCO has 5); losses average over them

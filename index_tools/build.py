@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, Ma
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
-from fastattr_hook.items import ItemStore
+from fastattr_hook.items import Item, ItemStore
 from fastattr_hook.search import create_index, default_backend
 
 from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
@@ -139,12 +140,12 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     if not accepted:
         raise FastattrError(f"{manifest_path}: no usable row, so no bundle was made; the reasons per row are in "
                             f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
-    vectors, rows, rejects = _merge_chunks(work, accepted)
+    vectors, items, rejects = _merge_chunks(work, accepted)
     backend = options.backend or default_backend(len(vectors))
     with atomic_dir(out) as tmp:
         index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
         save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
-        _append(tmp, index, np.zeros((0, encoder.dim), np.float32), vectors, rows, rejects, out)
+        _append(tmp, index, np.zeros((0, encoder.dim), np.float32), vectors, items, rejects, out)
         manifest = BundleManifest(
             schema=SCHEMA, name=name or out.name,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
@@ -187,11 +188,11 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         log.warning("%s: no new row to add, the bundle is unchanged (%d rows rejected%s)", manifest_path,
                     len(rejected), f", first: {json.loads(rejected[0]).get('reason')}" if rejected else "")
         return current
-    vectors, rows, rejects = _merge_chunks(work, accepted)
+    vectors, items, rejects = _merge_chunks(work, accepted)
     with atomic_dir(bundle_dir) as tmp:
         link_tree(bundle_dir, tmp, copy=(Bundle.ITEMS,))
         staged = Bundle(tmp, current)
-        _append(tmp, staged.index(writable=True), np.asarray(staged.vectors(), dtype=np.float32), vectors, rows,
+        _append(tmp, staged.index(writable=True), np.asarray(staged.vectors(), dtype=np.float32), vectors, items,
                 staged.rejects() + rejects, bundle_dir, first_key=first_key)
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
@@ -201,7 +202,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     return current
 
 
-def _append(folder: Path, index, old_vectors: np.ndarray, vectors: np.ndarray, rows: list[dict],
+def _append(folder: Path, index, old_vectors: np.ndarray, vectors: np.ndarray, items: list[tuple[Item, bytes | None]],
             rejects: list[dict], final_dir: Path, first_key: int = 0) -> None:
     """The write sequence build and add share, into the temporary ``folder`` that replaces the bundle
     at ``final_dir``: new vectors into the index (saved whole), the vectors copy, the items store and
@@ -214,7 +215,7 @@ def _append(folder: Path, index, old_vectors: np.ndarray, vectors: np.ndarray, r
     index.save(folder / Bundle.INDEX)
     _write_vectors(folder, np.concatenate([old_vectors, vectors]))
     with ItemStore(folder / Bundle.ITEMS, readonly=False) as store:
-        store.insert(_item_rows(keys, rows, final_dir))
+        store.insert(_stored(keys, items, final_dir))
     _write_rejects(folder / Bundle.REJECTS, rejects)
 
 
@@ -305,19 +306,17 @@ def _embed_chunk(chunk_index: int, rows: list[tuple[int, ManifestRow]], encoder:
             vectors.append(encoder.embed_features(store.get(keys)))
         if good:
             for seq, _, thumb in good:
-                row = by_seq[seq]
-                records.append({"seq": seq, "id": row.id, "caption": row.caption, "creator": row.creator,
-                                "license": row.license, "source_url": row.source_url, "sha256": row.sha256,
-                                "image": str(row.image), "thumbnail": base64.b64encode(thumb).decode()})
+                records.append({"seq": seq, **dataclasses.asdict(by_seq[seq].item()),
+                                "thumbnail": base64.b64encode(thumb).decode()})
     stem = work / "chunks" / f"{chunk_index:06d}"
     atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     with atomic_open(stem.with_suffix(".npz")) as f:  # written last: its presence marks the chunk done
         np.savez(f, vectors=np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), np.float32))
 
 
-def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[dict], list[dict]]:
-    """All chunk outputs in manifest order: (vectors, item records, rejects incl. manifest-level ones)."""
-    vectors, rows, rejects = [], [], []
+def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[tuple[Item, bytes | None]], list[dict]]:
+    """All chunk outputs in manifest order: (vectors, (item, thumbnail) pairs, rejects incl. manifest-level ones)."""
+    vectors, items, rejects = [], [], []
     chunk_size = yaml.safe_load((work / "state.yaml").read_text())["chunk_size"]
     for chunk_index in range(math.ceil(accepted / chunk_size)):
         stem = work / "chunks" / f"{chunk_index:06d}"
@@ -326,21 +325,27 @@ def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[dict], li
         vectors.append(np.load(stem.with_suffix(".npz"))["vectors"])
         for line in stem.with_suffix(".jsonl").read_text().splitlines():
             record = json.loads(line)
-            (rejects.append(record["reject"]) if "reject" in record else rows.append(record))
+            if "reject" in record:
+                rejects.append(record["reject"])
+            else:
+                del record["seq"]
+                thumbnail = base64.b64decode(record.pop("thumbnail")) or None
+                items.append((Item(**record), thumbnail))
     manifest_rejects = work / "rejects-manifest.jsonl"
     if manifest_rejects.is_file():
         rejects += [json.loads(line) for line in manifest_rejects.read_text().splitlines() if line]
     rejects.sort(key=lambda r: r["row"])
     dim = vectors[0].shape[1] if vectors else 0
-    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), rows, rejects
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), items, rejects
 
 
-def _item_rows(keys: np.ndarray, rows: list[dict], bundle_dir: Path):
-    """Store rows; image references become relative to the bundle so trees can move."""
-    for key, r in zip(keys, rows):
-        image = str(ImageRef.parse(r["image"]).relative_to(bundle_dir))
-        yield (int(key), r["id"], r["caption"], r["creator"], r["license"], r["source_url"], r["sha256"],
-               image, base64.b64decode(r["thumbnail"]) or None)
+def _stored(keys: np.ndarray, items: list[tuple[Item, bytes | None]], bundle_dir: Path
+            ) -> Iterator[tuple[Item, bytes | None]]:
+    """The items keyed as the store keeps them; image references become relative to the bundle so
+    trees can move."""
+    for key, (item, thumbnail) in zip(keys, items):
+        image = str(ImageRef.parse(item.image).relative_to(bundle_dir))
+        yield dataclasses.replace(item, key=int(key), image=image), thumbnail
 
 
 def _write_vectors(bundle_dir: Path, vectors: np.ndarray) -> None:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.items import FIELDS, Item
 
 __all__ = [
     "ImageRef",
@@ -148,20 +149,20 @@ class ImageRef:
                                                f"({exc}); restore the shard or rebuild") from None
 
 
-@dataclass(frozen=True, slots=True)
-class ManifestRow:
-    """One training item. Cheap to hold: the image is only read by ``load_image``."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestRow(Item):
+    """One training item as a manifest lists it: the ``Item`` fields, its image as an ``ImageRef``,
+    and where the row is. Cheap to hold: the image is only read by ``load_image``."""
 
     row: int  # 1-based: line number (JSONL/CSV), row index (Parquet), sample index (tar shards)
     source: str  # "train.jsonl:12", "shard-0003.tar:000123"
-    id: str
-    caption: str
-    creator: str | None
-    license: str | None
-    source_url: str | None
-    sha256: str | None
     image: ImageRef  # absolute
     more_captions: tuple[str, ...] = ()  # the captions after the first, where the manifest lists several
+
+    def item(self) -> Item:
+        """The record a bundle stores for this row: the ``Item`` fields, the image reference as text."""
+        values = {name: getattr(self, name) for name in FIELDS}
+        return Item(**values | {"image": str(self.image)})
 
     @property
     def captions(self) -> tuple[str, ...]:

@@ -105,9 +105,8 @@ def _deep_checks(report: Report, path: Path, manifest, encoder: Encoder, index, 
     images, texts, failures = [], [], []
     for key in keys:
         item = items[key]
-        row = ManifestRow(row=key + 1, source=f"items.sqlite:key {key}", id=item.id, caption=item.caption,
-                          creator=item.creator, license=item.license, source_url=item.source_url,
-                          sha256=item.sha256, image=ImageRef.parse(item.image, base=path.resolve()))
+        values = asdict(item) | {"image": ImageRef.parse(item.image, base=path.resolve())}
+        row = ManifestRow(**values, row=key + 1, source=f"items.sqlite:key {key}")
         try:
             images.append(row.load_image())
             texts.append(item.caption)
