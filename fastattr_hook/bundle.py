@@ -4,6 +4,9 @@
                     share-rule calibration, tool version, sha256 of every other file
     encoder.yaml    the encoder spec (paths relative to the bundle where possible)
     index/          the vector index file(s) of the backend
+    shards/NAME/    more indexes, one per `fastattr index add` (bundle.yaml ``shards``), searched with index/
+    vectors.npy     float32 copy of every vector, in key order
+    keys.npy        the keys of vectors.npy's rows, once `fastattr index compact` dropped some (else row = key)
     items.sqlite    key -> the item's fields (``items.Item``), thumbnail, removed flag
     rejects.jsonl   manifest rows the build skipped, with the reason
 """
@@ -17,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .config import from_dict, save_yaml, to_dict
+from .config import from_dict, to_dict
 from .errors import FastattrError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,20 +58,40 @@ class ShareRule:
 
 
 @dataclass
+class ShardInfo:
+    """An index added beside ``index/`` by `fastattr index add`; its own backend, its keys a range
+    no other index holds. dim, metric and encoder are what it was built with: a shard that does not
+    match the bundle is refused, not searched."""
+
+    name: str  # the folder shards/<name>/
+    backend: str
+    backend_params: dict
+    dtype: str
+    items: int
+    first_key: int
+    last_key: int
+    dim: int
+    metric: str
+    encoder: str  # the encoder fingerprint
+
+
+@dataclass
 class BundleManifest:
     schema: str
     name: str
     created: str
     tool_version: str
     encoder: EncoderInfo
-    backend: str
+    backend: str  # backend, backend_params and dtype describe index/
     backend_params: dict
     metric: str
     dim: int
     dtype: str
-    items: int
+    items: int  # in every index together
     manifest: ManifestInfo
     share_rule: ShareRule = field(default_factory=ShareRule)
+    shards: list[ShardInfo] = field(default_factory=list)  # empty: index/ is the only index, holding every item
+    dropped: int = 0  # items deleted by `fastattr index compact`: accepted = items + dropped; keys are never reused
     files: dict[str, str] = field(default_factory=dict)
     seal: str = ""  # sha256 of everything above: bundle.yaml itself is covered (e.g. an edited share temperature)
 
@@ -104,13 +127,23 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
 
 def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> None:
     manifest.seal = _seal(manifest)
-    save_yaml(manifest, Path(bundle_dir) / Bundle.MANIFEST)
+    atomic_write_text(Path(bundle_dir) / Bundle.MANIFEST,
+                      yaml.safe_dump(_content(manifest), sort_keys=False, allow_unicode=True))
+
+
+# Fields newer than the first bundles, written (and sealed) only when set: older bundles keep their
+# seal, and a bundle without shards or compaction stays readable by older fastattr versions.
+_OPTIONAL = {"shards": [], "dropped": 0}
+
+
+def _content(manifest: BundleManifest) -> dict:
+    return {k: v for k, v in to_dict(manifest).items() if not (k in _OPTIONAL and v == _OPTIONAL[k])}
 
 
 def _seal(manifest: BundleManifest) -> str:
     import hashlib
 
-    content = {k: v for k, v in to_dict(manifest).items() if k != "seal"}
+    content = {k: v for k, v in _content(manifest).items() if k != "seal"}
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -137,8 +170,8 @@ class Bundle:
     """An index bundle; the folder is the object (as in diffusers' ``from_pretrained``). Every
     file name inside a bundle is spelled here and nowhere else."""
 
-    MANIFEST, ENCODER, INDEX, ITEMS, VECTORS, REJECTS = (
-        "bundle.yaml", "encoder.yaml", "index", "items.sqlite", "vectors.npy", "rejects.jsonl")
+    MANIFEST, ENCODER, INDEX, SHARDS, ITEMS, VECTORS, KEYS, REJECTS = (
+        "bundle.yaml", "encoder.yaml", "index", "shards", "items.sqlite", "vectors.npy", "keys.npy", "rejects.jsonl")
 
     def __init__(self, path: str | Path, manifest: BundleManifest):
         self.path, self.manifest = Path(path), manifest
@@ -157,18 +190,57 @@ class Bundle:
 
         return ItemStore(self.path / self.ITEMS, readonly=not writable)
 
-    def index(self, writable: bool = False) -> "VectorIndex":
-        """The vector index: memory-mapped for serving, or loaded whole to add to it."""
-        from .search import load_index
+    def index(self) -> "VectorIndex":
+        """The vector index, memory-mapped, read-only: index/ alone, or with shards one ``ShardedIndex``
+        over index/ and every shard (each checked against the bundle before anything is opened)."""
+        from .search import ShardedIndex, load_index
 
         m = self.manifest
-        return load_index(m.backend, self.path / self.INDEX, m.dim, m.backend_params, view=not writable)
+        shard_dirs = [self._checked_shard(shard) for shard in m.shards]
+        main = load_index(m.backend, self.path / self.INDEX, m.dim, m.backend_params)
+        if not m.shards:
+            return main
+        return ShardedIndex([main, *(load_index(shard.backend, folder, m.dim, shard.backend_params)
+                                     for shard, folder in zip(m.shards, shard_dirs))])
+
+    def shard_path(self, name: str) -> Path:
+        return self.path / self.SHARDS / name
+
+    def new_shard_name(self) -> str:
+        """Numbered in the order they were added; compaction removes every shard, so names never clash."""
+        return f"{len(self.manifest.shards) + 1:04d}"
+
+    def _checked_shard(self, shard: ShardInfo) -> Path:
+        """The shard's folder, once its recorded dim, metric and encoder match the bundle's."""
+        m, source = self.manifest, self.path / self.MANIFEST
+        differs = [f"{what} {str(mine)[:19]} (the bundle's: {str(bundle)[:19]})" for what, mine, bundle in (
+            ("dim", shard.dim, m.dim), ("metric", shard.metric, m.metric),
+            ("encoder fingerprint", shard.encoder, m.encoder.fingerprint)) if mine != bundle]
+        if differs:
+            raise FastattrError(f"{source}: shard '{shard.name}' was built with {'; '.join(differs)}, so its scores "
+                                "cannot be merged with the rest; restore the bundle from a copy, or rebuild it with "
+                                "`fastattr index build`")
+        folder = self.shard_path(shard.name)
+        if not folder.is_dir():
+            raise FastattrError(f"{folder}: shard '{shard.name}' listed in {source} is missing; restore the folder "
+                                f"from a copy of the bundle, or rebuild it (`fastattr index verify {self.path}` "
+                                "lists every missing file)")
+        return folder
 
     def vectors(self) -> "np.ndarray":
-        """[items, dim] float32 copy of every vector in key order (memory-mapped)."""
+        """[items, dim] float32 copy of every vector in key order (memory-mapped); ``vector_keys`` are
+        their keys."""
         import numpy as np
 
         return np.load(self.path / self.VECTORS, mmap_mode="r")
+
+    def vector_keys(self) -> "np.ndarray":
+        """The key of each row of ``vectors()``, ascending: keys.npy once compaction dropped rows, else
+        the row numbers."""
+        import numpy as np
+
+        path = self.path / self.KEYS
+        return np.load(path) if path.is_file() else np.arange(len(self.vectors()), dtype=np.int64)
 
     def rejects(self) -> list[dict]:
         path = self.path / self.REJECTS

@@ -1,7 +1,8 @@
 """The items store: SQLite table mapping each integer vector key to its training item.
 
 Opt-outs are a flag here (``removed``), so they take effect for every query at once, without
-rebuilding the vector index; compaction can drop the vectors later.
+rebuilding the vector index; `fastattr index compact` later deletes the rows (``delete_removed``)
+and drops the vectors.
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ class ItemStore:
                 f"UPDATE items SET removed = 1, removed_reason = ? WHERE removed = 0 AND ({' OR '.join(clauses)})",
                 [reason, *params])
             return cursor.rowcount
+
+    def delete_removed(self) -> int:
+        """Delete the removed items' rows (captions, thumbnails, ...) and VACUUM, so that their bytes
+        leave the file rather than linger in free pages; returns how many were deleted."""
+        with self._lock:
+            with self._conn:
+                count = self._conn.execute("DELETE FROM items WHERE removed = 1").rowcount
+            self._conn.execute("VACUUM")
+        return count
 
     def sample_keys(self, count: int, seed: int = 0) -> list[int]:
         import random

@@ -15,6 +15,9 @@ Backends:
 * ``faiss``: any ``index_factory`` string (``HNSW32``, ``IVF4096,PQ64``, ...) for compressed
   indexes under a memory budget (LAION scale); optional dependency, ``pip install 'fastattr[faiss]'``.
 
+``ShardedIndex`` searches several opened indexes (any backends, disjoint keys) as one: a bundle's
+index plus the shards ``fastattr index add`` wrote beside it.
+
 Indexes loaded with ``view=True`` are read-only (the file is mapped, not copied): ``add`` raises.
 Opt-outs never change an index: ``search(..., exclude=keys)`` skips them. Backend libraries are imported lazily so ``import fastattr_hook`` stays light.
 """
@@ -36,8 +39,8 @@ import numpy as np
 from .files import atomic_open, atomic_path
 from .errors import FastattrError
 
-__all__ = ["BACKENDS", "EXACT_MAX_ITEMS", "VectorIndex", "create_index", "default_backend", "load_index",
-           "recall_at_k"]
+__all__ = ["BACKENDS", "EXACT_MAX_ITEMS", "ShardedIndex", "VectorIndex", "create_index", "default_backend",
+           "load_index", "recall_at_k"]
 
 EXACT_MAX_ITEMS = 50_000  # below this, brute force is fast enough and has perfect recall
 _INT64_MAX = np.iinfo(np.int64).max
@@ -512,6 +515,59 @@ class FaissIndex(VectorIndex):
             scores, keys = self._searcher.search(queries, k)
         return keys, scores
 
+
+
+# -------------------------------------------------------------------------------------------- sharded
+
+
+class ShardedIndex(VectorIndex):
+    """Several opened indexes searched as one, read-only. Every shard returns its own top-k and the
+    merge keeps the best k of those: exactly the top-k of one index over all the vectors (as far as
+    each shard's own search is exact). Keys must be unique across shards (a bundle's are)."""
+
+    backend = "sharded"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, shards: list[VectorIndex]) -> None:
+        dims = {shard.dim for shard in shards}
+        if len(dims) != 1:
+            raise FastattrError(f"ShardedIndex: needs one or more indexes of one dimension, got dimensions "
+                                f"{sorted(dims)}")
+        super().__init__(dims.pop(), {}, view=True)
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+    def save(self, directory: Path) -> list[str]:
+        raise self._read_only("save it")
+
+    @classmethod
+    def load(cls, directory: Path, dim: int, params: dict, *, view: bool = True) -> "ShardedIndex":
+        raise FastattrError("a ShardedIndex is not saved as such: open the bundle with Bundle.open(path).index()")
+
+    @classmethod
+    def create(cls, dim: int, params: dict | None = None) -> "ShardedIndex":
+        raise FastattrError("a ShardedIndex only wraps opened indexes: ShardedIndex([index, ...])")
+
+    def _check_writable(self, action: str) -> None:
+        raise self._read_only(action)
+
+    @staticmethod
+    def _read_only(action: str) -> FastattrError:
+        return FastattrError(f"a sharded index is read-only, cannot {action}: `fastattr index add` writes a new "
+                             "shard, `fastattr index compact` merges the shards into one index")
+
+    def _add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        raise self._read_only("add items")
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        found = [shard._search(queries, min(k, len(shard))) for shard in self.shards if len(shard)]
+        keys = np.concatenate([keys for keys, _ in found], axis=1)
+        scores = np.concatenate([scores for _, scores in found], axis=1).astype(np.float32)
+        scores[keys < 0] = -np.inf  # a shard's padding never outranks a result
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(keys, best, 1), np.take_along_axis(scores, best, 1)
 
 
 # ---------------------------------------------------------------------------------------------- API

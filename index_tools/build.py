@@ -1,11 +1,13 @@
-"""``fastattr index build`` / ``add``: training manifest -> verified index bundle.
+"""``fastattr index build`` / ``add`` / ``compact``: training manifest -> verified index bundle.
 
 The build streams the manifest, embeds accepted rows in chunks and checkpoints each chunk
 (``<out>.partial/chunks/``) so a killed build resumes without redoing or duplicating work.
 Under ``accelerate launch`` every process embeds a disjoint set of chunks; the main process
 merges them. With ``--ray`` this process hands the chunks to Ray actors instead (``ray_build.py``;
 on a multi-node cluster ``<out>.partial`` must be on storage every node shares). The finished
-bundle appears atomically (temp directory + rename).
+bundle appears atomically (temp directory + rename). ``add`` writes the new rows' vectors into a new
+index shard beside the others; ``compact`` merges the shards into one index and deletes opted-out
+items for good.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook.bundle import SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShareRule, read_manifest
+from fastattr_hook.bundle import (SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShardInfo, ShareRule,
+                                  read_manifest)
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.items import Item, ItemStore
-from fastattr_hook.search import create_index, default_backend
+from fastattr_hook.search import VectorIndex, create_index, default_backend
 
 from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
 
@@ -145,7 +148,8 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     with atomic_dir(out) as tmp:
         index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
         save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
-        _append(tmp, index, np.zeros((0, encoder.dim), np.float32), vectors, items, rejects, out)
+        _append(tmp, tmp / Bundle.INDEX, index, np.zeros(0, np.int64), np.zeros((0, encoder.dim), np.float32),
+                vectors, items, rejects, out)
         manifest = BundleManifest(
             schema=SCHEMA, name=name or out.name,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
@@ -162,7 +166,8 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
 
 def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: BuildOptions | None = None,
                   resume: bool = False) -> BundleManifest:
-    """Append a manifest's rows to an existing bundle (same encoder); ids already present are rejected."""
+    """Append a manifest's rows to an existing bundle (same encoder) as a new index shard; ids already
+    present are rejected. The existing indexes are neither read nor rewritten."""
     options = options or BuildOptions()
     if options.ray:
         raise FastattrError("--ray is for `fastattr index build` only; `index add` embeds in this process")
@@ -179,7 +184,9 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     _prepare_work_dir(work, state, resume, 0, lambda: None)
     with bundle.items() as store:
         seen = list(store.ids())
-        first_key = store.max_key() + 1
+        # every accepted row got the next key, compacted-away ones included: a key is never reused, so an
+        # old credit's key never names another item
+        first_key = max(store.max_key() + 1, current.manifest.accepted)
     accepted = _embed_manifest(manifest_path, encoder, work, options, 0, 1, seen_ids=seen)
     if not accepted:  # nothing new: the bundle stays exactly as it was
         rejects_file = work / "rejects-manifest.jsonl"
@@ -189,11 +196,19 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
                     len(rejected), f", first: {json.loads(rejected[0]).get('reason')}" if rejected else "")
         return current
     vectors, items, rejects = _merge_chunks(work, accepted)
+    backend = current.backend if current.backend != "exact" else default_backend(len(vectors))
     with atomic_dir(bundle_dir) as tmp:
         link_tree(bundle_dir, tmp, copy=(Bundle.ITEMS,))
         staged = Bundle(tmp, current)
-        _append(tmp, staged.index(writable=True), np.asarray(staged.vectors(), dtype=np.float32), vectors, items,
+        shard = create_index(backend, encoder.dim, current.backend_params if backend == current.backend else None,
+                             n_items_hint=len(vectors))
+        name = staged.new_shard_name()
+        _append(tmp, staged.shard_path(name), shard, staged.vector_keys(), staged.vectors(), vectors, items,
                 staged.rejects() + rejects, bundle_dir, first_key=first_key)
+        current.shards.append(ShardInfo(
+            name=name, backend=backend, backend_params=dict(shard.params), dtype=shard.storage, items=len(vectors),
+            first_key=first_key, last_key=first_key + len(vectors) - 1, dim=encoder.dim, metric=current.metric,
+            encoder=encoder.fingerprint))
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
         current.manifest.rejected += len(rejects)
@@ -202,18 +217,76 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     return current
 
 
-def _append(folder: Path, index, old_vectors: np.ndarray, vectors: np.ndarray, items: list[tuple[Item, bytes | None]],
-            rejects: list[dict], final_dir: Path, first_key: int = 0) -> None:
+@dataclass
+class Compaction:
+    """What `fastattr index compact` did."""
+
+    changed: bool
+    items_before: int
+    indexes_before: int  # index/ and its shards
+    deleted: int  # removed items deleted for good
+    items_after: int
+    backend: str  # of the one index left
+
+
+def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_params: dict | None = None
+                   ) -> Compaction:
+    """Replace index/ and every shard by one index over the items not removed, and delete the removed
+    items for good (their vectors, and their rows with caption and thumbnail), so that an opt-out is
+    eventually a real deletion. Keys are kept: credits already given still name the same items.
+
+    The backend is ``backend``, else the bundle's (chosen by size again when it is exact); params
+    override the bundle's when the backend stays. Nothing removed, no shard, no backend asked: no-op.
+    """
+    bundle = Bundle.open(bundle_dir)
+    current = bundle.manifest
+    with bundle.items() as store:
+        removed = len(store.removed_keys())
+    result = Compaction(changed=False, items_before=current.items, indexes_before=1 + len(current.shards),
+                        deleted=0, items_after=current.items, backend=current.backend)
+    if not removed and not current.shards and backend is None and backend_params is None:
+        return result
+    with atomic_dir(bundle.path) as tmp:
+        link_tree(bundle.path, tmp, copy=(Bundle.ITEMS,))
+        staged = Bundle(tmp, current)
+        with staged.items(writable=True) as store:  # the staged copy: items, vectors and index stay one snapshot
+            removed_keys = np.array(sorted(store.removed_keys()), dtype=np.int64)
+            keys = staged.vector_keys()
+            keep = ~np.isin(keys, removed_keys)
+            if not keep.any():
+                raise FastattrError(f"{bundle.path}: every item is removed, so compacting would leave an empty "
+                                    "bundle; delete the bundle instead")
+            keys, vectors = keys[keep], np.asarray(staged.vectors()[keep], dtype=np.float32)
+            if backend is None:
+                backend = current.backend if current.backend != "exact" else default_backend(len(keys))
+            params = {**(current.backend_params if backend == current.backend else {}), **(backend_params or {})}
+            index = create_index(backend, current.dim, params, n_items_hint=len(keys))
+            index.add(keys, vectors)
+            for folder in (Bundle.INDEX, Bundle.SHARDS):
+                shutil.rmtree(tmp / folder, ignore_errors=True)
+            (tmp / Bundle.INDEX).mkdir()
+            index.save(tmp / Bundle.INDEX)
+            _write_vectors(tmp, keys, vectors)
+            deleted = store.delete_removed()
+        current.backend, current.backend_params, current.dtype = backend, dict(index.params), index.storage
+        current.items, current.dropped, current.shards = len(keys), current.dropped + deleted, []
+        staged.finish()
+    return dataclasses.replace(result, changed=True, deleted=deleted, items_after=len(keys), backend=backend)
+
+
+def _append(folder: Path, index_dir: Path, index: VectorIndex, old_keys: np.ndarray, old_vectors: np.ndarray,
+            vectors: np.ndarray, items: list[tuple[Item, bytes | None]], rejects: list[dict], final_dir: Path,
+            first_key: int = 0) -> None:
     """The write sequence build and add share, into the temporary ``folder`` that replaces the bundle
-    at ``final_dir``: new vectors into the index (saved whole), the vectors copy, the items store and
-    the rejects file."""
+    at ``final_dir``: the new vectors into the new ``index``, saved in ``index_dir`` (index/ for a
+    build, a shard's folder for an add), the vectors copy, the items store and the rejects file."""
     keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
-    if len(vectors):
-        index.add(keys, vectors)
-    shutil.rmtree(folder / Bundle.INDEX, ignore_errors=True)
-    (folder / Bundle.INDEX).mkdir()
-    index.save(folder / Bundle.INDEX)
-    _write_vectors(folder, np.concatenate([old_vectors, vectors]))
+    index.add(keys, vectors)
+    index_dir.mkdir(parents=True)
+    index.save(index_dir)
+    # The vectors copy is rewritten whole, the old rows read back from the mapped file: linear in the
+    # bundle's size, as are the checksums that finish() computes anyway.
+    _write_vectors(folder, np.concatenate([old_keys, keys]), np.concatenate([old_vectors, vectors]))
     with ItemStore(folder / Bundle.ITEMS, readonly=False) as store:
         store.insert(_stored(keys, items, final_dir))
     _write_rejects(folder / Bundle.REJECTS, rejects)
@@ -348,10 +421,16 @@ def _stored(keys: np.ndarray, items: list[tuple[Item, bytes | None]], bundle_dir
         yield dataclasses.replace(item, key=int(key), image=image), thumbnail
 
 
-def _write_vectors(bundle_dir: Path, vectors: np.ndarray) -> None:
-    """A float32 copy of every vector in key order: the source for re-indexing and recall checks."""
+def _write_vectors(bundle_dir: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
+    """A float32 copy of every vector in key order: the source for re-indexing and recall checks; and
+    their keys (keys.npy) where rows are no longer at their key, after compaction dropped some."""
     with atomic_open(bundle_dir / Bundle.VECTORS) as f:
         np.save(f, vectors.astype(np.float32))
+    if np.array_equal(keys, np.arange(len(keys))):
+        (bundle_dir / Bundle.KEYS).unlink(missing_ok=True)
+    else:
+        with atomic_open(bundle_dir / Bundle.KEYS) as f:
+            np.save(f, keys.astype(np.int64))
 
 
 def _write_rejects(path: Path, rejects: list[dict]) -> None:

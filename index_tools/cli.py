@@ -50,7 +50,22 @@ def _index_add(args) -> int:
     from index_tools.build import add_to_bundle
 
     manifest = add_to_bundle(args.bundle, args.manifest, _build_options(args), resume=args.resume)
-    print(f"{args.bundle}: now {manifest.items} items ({manifest.manifest.rejected} rows rejected in total)")
+    print(f"{args.bundle}: now {manifest.items} items in {1 + len(manifest.shards)} index shards "
+          f"({manifest.manifest.rejected} rows rejected in total)")
+    return 0
+
+
+def _index_compact(args) -> int:
+    from index_tools.build import compact_bundle
+
+    done = compact_bundle(args.bundle, args.backend, _backend_params(args.backend_param))
+    if not done.changed:
+        print(f"{args.bundle}: nothing to compact ({done.items_before} items in one {done.backend} index, none "
+              "removed); the bundle is unchanged")
+    else:
+        print(f"{args.bundle}: {done.items_before} items in {done.indexes_before} index shards -> {done.items_after} "
+              f"items in one {done.backend} index; {done.deleted} removed items deleted for good (vectors, "
+              "captions, thumbnails); keys unchanged")
     return 0
 
 
@@ -74,8 +89,15 @@ def _index_info(args) -> int:
         removed = len(store.removed_keys())
     info = {**to_dict(manifest), "fingerprint": manifest.fingerprint, "removed": removed}
     info.pop("files")
-    print(json.dumps(info, indent=1) if args.json else "\n".join(
-        f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items()))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    shards = info.pop("shards")
+    print("\n".join(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in info.items()))
+    print(f"shards: {len(shards)} beside index/" if shards else "shards: none (index/ holds every item)")
+    for shard in shards:
+        print(f"  {shard['name']}: {shard['items']} items, keys {shard['first_key']}-{shard['last_key']}, backend "
+              f"{shard['backend']} {json.dumps(shard['backend_params'])}, dtype {shard['dtype']}")
     return 0
 
 
@@ -117,11 +139,18 @@ def register(commands) -> None:
                    "GPU of the cluster, else one per CPU)")
     embed_options(p)
     p.set_defaults(func=_index_build)
-    p = index.add_parser("add", help="append a manifest's rows to a bundle")
+    p = index.add_parser("add", help="append a manifest's rows to a bundle, as a new index shard")
     p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
     p.add_argument("--manifest", required=True, help="manifest of the new rows (ids already in the bundle are rejected)")
     embed_options(p)
     p.set_defaults(func=_index_add)
+    p = index.add_parser("compact", help="merge the index shards into one index and delete removed items for good")
+    p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
+    p.add_argument("--backend", choices=["exact", "usearch", "faiss"],
+                   help="default: the bundle's (chosen by size again when it is exact)")
+    p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
+                   help="override one of the bundle's backend parameters, e.g. dtype=f16")
+    p.set_defaults(func=_index_compact)
     p = index.add_parser("verify", help="check structure, checksums, counts, encoder; --deep re-embeds a sample")
     p.add_argument("bundle", help="bundle directory (the folder holding bundle.yaml)")
     p.add_argument("--deep", action="store_true", help="also re-embed a sample of items from their source images and "
