@@ -6,7 +6,8 @@ Builds usearch and faiss bundles of the same manifest next to the shipped exact 
 dir), then for each: recall@10 vs exact on the held-out query prompts' generated images, and search
 latency per query at batch 1 and 16 (interleaved repeats, medians); plus the end-to-end
 ``attribute()`` latency and its encoding share (the encoder dominates at this index size), for the
-shipped bundle's encoder (the distilled one) and the untuned baseline side by side: the head's cost.
+shipped bundle's encoder (the distilled one) and the untuned baseline side by side: the head's cost;
+and, from ``attribute()``'s own timing, the share of its time spent outside encoding and search.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
 
         exact = attributors["exact"]
         for batch in (1, 16):
-            encode, end_to_end, baseline = [], [], []
+            encode, end_to_end, baseline, overhead = [], [], [], []
             search = {name: [] for name in attributors}
             exact.attribute(images[:batch], prompts[:batch], k=10)  # warm-up
             untuned.attribute(images[:batch], prompts[:batch], k=10)
@@ -67,9 +68,11 @@ def main() -> None:
                     exact.encoder.embed(images[i:i + batch], prompts[i:i + batch], role="query")
                 encode.append((time.perf_counter() - start) / len(images))
                 start = time.perf_counter()
-                for i in range(0, len(images), batch):
-                    exact.attribute(images[i:i + batch], prompts[i:i + batch], k=10)
+                timings = [exact.attribute(images[i:i + batch], prompts[i:i + batch], k=10)[0].timing_ms
+                           for i in range(0, len(images), batch)]
                 end_to_end.append((time.perf_counter() - start) / len(images))
+                total = sum(t["total"] for t in timings)
+                overhead.append(sum(t["total"] - t["encode"] - t["search"] for t in timings) / total)
                 start = time.perf_counter()
                 for i in range(0, len(images), batch):
                     untuned.attribute(images[i:i + batch], prompts[i:i + batch], k=10)
@@ -83,6 +86,8 @@ def main() -> None:
                   f"(exact), of which encoding {statistics.median(encode) * 1e3:.2f} ms/image; untuned encoder "
                   f"{statistics.median(baseline) * 1e3:.2f} ms/image (ratio shipped / untuned "
                   f"{statistics.median(end_to_end) / statistics.median(baseline):.3f})")
+            print(f"batch {batch:>2}: inside attribute() (its timing_ms), the share outside encoding and search "
+                  f"(item lookup, shares, credits) is {statistics.median(overhead):.1%}")
             base = statistics.median(search["exact"])
             for name, values in search.items():
                 median = statistics.median(values)

@@ -78,27 +78,25 @@ class Attributor:
         keys, scores = self.search(vectors, k)
         searched = time.perf_counter()
         items = self.store.get(int(x) for x in np.unique(keys) if x >= 0)
-        n = max(1, len(images))
-        timing = {"encode": 1e3 * (encoded - start) / n, "search": 1e3 * (searched - encoded) / n,
-                  "total": 1e3 * (time.perf_counter() - start) / n, "batch_size": len(images)}
-        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         rule = self.manifest.share_rule
-        results = []
-        for prompt, row_keys, row_scores in zip(prompts, keys, scores):
+        credit_lists = []
+        for row_keys, row_scores in zip(keys, scores):
             valid = [(int(key), float(score)) for key, score in zip(row_keys, row_scores) if key >= 0]
             shares = softmax_shares([s for _, s in valid], rule.temperature)
-            credits = []
-            for rank, ((key, score), share) in enumerate(zip(valid, shares), start=1):
-                item = items[key]
-                credits.append(Credit(rank=rank, key=key, id=item.id, score=round(score, 6), share=round(share, 6),
-                                      caption=item.caption, creator=item.creator, license=item.license,
-                                      source_url=item.source_url))
-            results.append(Attribution(
-                prompt=prompt, credits=credits, encoder={"name": self.encoder.spec.name,
-                                                         "fingerprint": self.encoder.fingerprint,
-                                                         "tuned": self.encoder.head is not None},
-                bundle={"name": self.manifest.name, "fingerprint": self.manifest.fingerprint,
-                        "items": self.manifest.items},
-                share_rule={"name": rule.name, "temperature": rule.temperature},
-                timing_ms={key: round(value, 3) for key, value in timing.items()}, created=created))
+            credit_lists.append([
+                Credit(rank=rank, key=key, id=items[key].id, score=round(score, 6), share=round(share, 6),
+                       caption=items[key].caption, creator=items[key].creator, license=items[key].license,
+                       source_url=items[key].source_url)
+                for rank, ((key, score), share) in enumerate(zip(valid, shares), start=1)])
+        n = max(1, len(images))  # total: everything but building the result objects below
+        timing = {"encode": round(1e3 * (encoded - start) / n, 3), "search": round(1e3 * (searched - encoded) / n, 3),
+                  "total": round(1e3 * (time.perf_counter() - start) / n, 3), "batch_size": len(images)}
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        encoder = {"name": self.encoder.spec.name, "fingerprint": self.encoder.fingerprint,
+                   "tuned": self.encoder.head is not None}
+        bundle = {"name": self.manifest.name, "fingerprint": self.manifest.fingerprint, "items": self.manifest.items}
+        share_rule = {"name": rule.name, "temperature": rule.temperature}
+        results = [Attribution(prompt=prompt, credits=credits, encoder=dict(encoder), bundle=dict(bundle),
+                               share_rule=dict(share_rule), timing_ms=dict(timing), created=created)
+                   for prompt, credits in zip(prompts, credit_lists)]
         return results

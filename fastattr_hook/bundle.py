@@ -92,6 +92,7 @@ class BundleManifest:
     share_rule: ShareRule = field(default_factory=ShareRule)
     shards: list[ShardInfo] = field(default_factory=list)  # empty: index/ is the only index, holding every item
     dropped: int = 0  # items deleted by `fastattr index compact`: accepted = items + dropped; keys are never reused
+    recall_at_10: float | None = None  # of index/ against exact search, measured (and tuned for) when it was built
     files: dict[str, str] = field(default_factory=dict)
     seal: str = ""  # sha256 of everything above: bundle.yaml itself is covered (e.g. an edited share temperature)
 
@@ -133,7 +134,7 @@ def write_manifest(bundle_dir: str | Path, manifest: BundleManifest) -> None:
 
 # Fields newer than the first bundles, written (and sealed) only when set: older bundles keep their
 # seal, and a bundle without shards or compaction stays readable by older fastattr versions.
-_OPTIONAL = {"shards": [], "dropped": 0}
+_OPTIONAL = {"shards": [], "dropped": 0, "recall_at_10": None}
 
 
 def _content(manifest: BundleManifest) -> dict:

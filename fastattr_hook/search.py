@@ -39,8 +39,8 @@ import numpy as np
 from .files import atomic_open, atomic_path
 from .errors import FastattrError
 
-__all__ = ["BACKENDS", "EXACT_MAX_ITEMS", "ShardedIndex", "VectorIndex", "create_index", "default_backend",
-           "load_index", "recall_at_k"]
+__all__ = ["BACKENDS", "EXACT_MAX_ITEMS", "RECALL_TARGET", "ShardedIndex", "VectorIndex", "create_index",
+           "default_backend", "load_index", "recall_at_k", "tune_search"]
 
 EXACT_MAX_ITEMS = 50_000  # below this, brute force is fast enough and has perfect recall
 _INT64_MAX = np.iinfo(np.int64).max
@@ -63,6 +63,16 @@ class VectorIndex(abc.ABC):
     def storage(self) -> str:
         """How the index stores vectors (bundle.yaml ``dtype``): ``f32`` unless the backend compresses them."""
         return "f32"
+
+    @property
+    def search_setting(self) -> str | None:
+        """The parameter read at search time that trades speed for recall (``tune_search`` sets it);
+        None for an exact index."""
+        return None
+
+    def set_search_setting(self, value: int) -> None:
+        """Change ``search_setting`` on the open index (and in ``params``, which bundle.yaml records)."""
+        raise FastattrError(f"backend '{self.backend}' has no search-time setting to change")
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add ``vectors[i]`` under ``keys[i]``; keys must be new and unique."""
@@ -318,6 +328,14 @@ class USearchIndex(VectorIndex):
     def storage(self) -> str:
         return self.params["dtype"]
 
+    @property
+    def search_setting(self) -> str:
+        return "expansion_search"
+
+    def set_search_setting(self, value: int) -> None:
+        self._index.expansion_search = value
+        self.params = {**self.params, "expansion_search": value}
+
     @classmethod
     def _params(cls, params: dict | None) -> dict[str, Any]:
         params = _resolve_params(cls.backend, params, cls.defaults)
@@ -417,6 +435,20 @@ class FaissIndex(VectorIndex):
         """The factory's vector encoding (``PQ64``, ``SQ8``, ...), else ``f32``."""
         encoding = re.search(r"(?:PQ|SQ|RQ|LSQ)\w*", self.params["factory"])
         return encoding.group(0) if encoding else "f32"
+
+    @property
+    def search_setting(self) -> str | None:
+        """``efSearch`` (HNSW) or ``nprobe`` (IVF): whichever applies to the factory; None for Flat."""
+        return next((name for name in ("efSearch", "nprobe") if name in self.params), None)
+
+    def set_search_setting(self, value: int) -> None:
+        name = self.search_setting
+        if name is None:
+            return super().set_search_setting(value)
+        space = _import_faiss().ParameterSpace()
+        for index in {id(self._index): self._index, id(self._searcher): self._searcher}.values():
+            space.set_index_parameter(index, name, value)
+        self.params = {**self.params, name: value}
 
     @classmethod
     def _params(cls, faiss, index, params: dict) -> dict[str, Any]:
@@ -598,6 +630,50 @@ def load_index(backend: str, directory: Path, dim: int, params: dict, *, view: b
 def default_backend(n_items: int) -> str:
     """``exact`` below ``EXACT_MAX_ITEMS`` items (perfect recall, fast enough), else ``usearch``."""
     return "exact" if n_items < EXACT_MAX_ITEMS else "usearch"
+
+
+RECALL_TARGET = 0.99  # recall@10 against exact search that `index build` tunes an approximate index to
+SEARCH_LADDER = (32, 64, 128, 256, 512, 1024, 2048)  # the search settings tune_search tries, cheapest first
+
+
+def tune_search(index: VectorIndex, keys: np.ndarray, vectors: np.ndarray, target: float = RECALL_TARGET,
+                tune: bool = True, queries: int = 256, k: int = 10, seed: int = 0) -> float:
+    """Set ``index``'s search setting (usearch ``expansion_search``, faiss ``efSearch``/``nprobe``) to
+    the cheapest value of ``SEARCH_LADDER`` whose recall@k against exact search reaches ``target``,
+    or the last one; returns the recall@k at the value kept. ``index`` holds ``keys``/``vectors``.
+    With ``tune`` false (a setting the user chose) or an exact index, only measures the recall.
+
+    How many candidates a graph search must visit depends on the data (measured in
+    benchmarks/results/search_scale_*.md: 64 to 512 for recall 0.99 on 100k vectors), so it is
+    measured on the data: the queries are a sample of the index's own vectors, each one's own key
+    left out of both result lists (a real query is not in the index).
+    """
+    keys, vectors = np.asarray(keys, dtype=np.int64), index._as_unit_vectors(vectors, "vectors")  # as add() stored them
+    rows = np.random.default_rng(seed).choice(len(keys), size=min(queries, len(keys)), replace=False)
+    sample, own = vectors[rows], keys[rows]
+    exact = ExactIndex(index.dim, {}, keys, vectors, view=True)
+    wanted = _without(own, exact.search(sample, k + 1)[0], k)
+
+    def recall() -> float:
+        return recall_at_k(_without(own, index.search(sample, k + 1)[0], k), wanted, k)
+
+    if not tune or index.search_setting is None:
+        return recall()
+    for value in SEARCH_LADDER:
+        index.set_search_setting(value)
+        reached = recall()
+        if reached >= target:
+            break
+    return reached
+
+
+def _without(own: np.ndarray, found: np.ndarray, k: int) -> np.ndarray:
+    """Each row of ``found`` without its query's own key, cut (or padded with -1) to width k."""
+    out = np.full((len(found), k), -1, dtype=np.int64)
+    for row, (key, keys) in enumerate(zip(own, found)):
+        kept = keys[keys != key][:k]
+        out[row, :len(kept)] = kept
+    return out
 
 
 def recall_at_k(approx_keys: np.ndarray, exact_keys: np.ndarray, k: int) -> float:

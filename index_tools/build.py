@@ -38,7 +38,7 @@ from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.items import Item, ItemStore
-from fastattr_hook.search import VectorIndex, create_index, default_backend
+from fastattr_hook.search import VectorIndex, create_index, default_backend, tune_search
 
 from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
 
@@ -148,14 +148,15 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
     with atomic_dir(out) as tmp:
         index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
         save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
-        _append(tmp, tmp / Bundle.INDEX, index, np.zeros(0, np.int64), np.zeros((0, encoder.dim), np.float32),
-                vectors, items, rejects, out)
+        recall = _append(tmp, tmp / Bundle.INDEX, index, np.zeros(0, np.int64),
+                         np.zeros((0, encoder.dim), np.float32), vectors, items, rejects, out,
+                         tune=index.search_setting not in (options.backend_params or {}))
         manifest = BundleManifest(
             schema=SCHEMA, name=name or out.name,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), tool_version=__version__,
             encoder=EncoderInfo(**{k: v for k, v in encoder.describe().items()}),
             backend=backend, backend_params=dict(index.params), metric="cos", dim=encoder.dim,
-            dtype=index.storage, items=len(vectors),
+            dtype=index.storage, items=len(vectors), recall_at_10=round(recall, 4),
             manifest=ManifestInfo(path=os.path.relpath(manifest_path.resolve(), out), fingerprint=state["manifest_fingerprint"],
                                   accepted=len(vectors), rejected=len(rejects)),
             share_rule=ShareRule("softmax", *calibrate_temperature(index, vectors)))
@@ -262,6 +263,7 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
             params = {**(current.backend_params if backend == current.backend else {}), **(backend_params or {})}
             index = create_index(backend, current.dim, params, n_items_hint=len(keys))
             index.add(keys, vectors)
+            recall = tune_search(index, keys, vectors, tune=index.search_setting not in (backend_params or {}))
             for folder in (Bundle.INDEX, Bundle.SHARDS):
                 shutil.rmtree(tmp / folder, ignore_errors=True)
             (tmp / Bundle.INDEX).mkdir()
@@ -269,6 +271,7 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
             _write_vectors(tmp, keys, vectors)
             deleted = store.delete_removed()
         current.backend, current.backend_params, current.dtype = backend, dict(index.params), index.storage
+        current.recall_at_10 = round(recall, 4)
         current.items, current.dropped, current.shards = len(keys), current.dropped + deleted, []
         staged.finish()
     return dataclasses.replace(result, changed=True, deleted=deleted, items_after=len(keys), backend=backend)
@@ -276,12 +279,15 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
 
 def _append(folder: Path, index_dir: Path, index: VectorIndex, old_keys: np.ndarray, old_vectors: np.ndarray,
             vectors: np.ndarray, items: list[tuple[Item, bytes | None]], rejects: list[dict], final_dir: Path,
-            first_key: int = 0) -> None:
+            first_key: int = 0, tune: bool = True) -> float:
     """The write sequence build and add share, into the temporary ``folder`` that replaces the bundle
-    at ``final_dir``: the new vectors into the new ``index``, saved in ``index_dir`` (index/ for a
-    build, a shard's folder for an add), the vectors copy, the items store and the rejects file."""
+    at ``final_dir``: the new vectors into the new ``index`` (its search setting tuned to
+    ``RECALL_TARGET`` unless ``tune`` is false), saved in ``index_dir`` (index/ for a build, a shard's
+    folder for an add), the vectors copy, the items store and the rejects file. Returns the index's
+    recall@10 against exact search."""
     keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
     index.add(keys, vectors)
+    recall = tune_search(index, keys, vectors, tune=tune)
     index_dir.mkdir(parents=True)
     index.save(index_dir)
     # The vectors copy is rewritten whole, the old rows read back from the mapped file: linear in the
@@ -290,6 +296,7 @@ def _append(folder: Path, index_dir: Path, index: VectorIndex, old_keys: np.ndar
     with ItemStore(folder / Bundle.ITEMS, readonly=False) as store:
         store.insert(_stored(keys, items, final_dir))
     _write_rejects(folder / Bundle.REJECTS, rejects)
+    return recall
 
 
 def save_yaml_dict(data: dict, path: Path) -> None:

@@ -53,6 +53,8 @@ def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, t
                             _options(backend=backend, backend_params=params))
     assert manifest.items == len(rows) and manifest.manifest.rejected == 0
     assert manifest.dtype == (params or {}).get("dtype", "f32")
+    assert manifest.recall_at_10 >= (0.99 if backend != "exact" else 1.0)  # tuned to RECALL_TARGET on its own data
+    assert read_manifest(out).recall_at_10 == manifest.recall_at_10
     report = verify_bundle(out, deep=True, sample=24)
     assert report.ok, report.format()
     assert report.figures["self_found_first"] == 1.0 and report.figures["recall_at_10"] >= 0.99

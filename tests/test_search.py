@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fastattr_hook.errors import FastattrError
-from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, create_index, default_backend, load_index,
-                                  recall_at_k)
+from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, SEARCH_LADDER, create_index, default_backend,
+                                  load_index, recall_at_k, tune_search)
 
 DIM = 64
 
@@ -322,3 +322,27 @@ def test_faiss_factory_survives_usearch_loaded_first():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "IVF2,Flat"
+
+
+@pytest.mark.parametrize("name", ["usearch", "faiss-hnsw"])
+def test_tune_search_picks_the_cheapest_setting_that_reaches_the_target(data, name):
+    keys, vectors, _, _, _ = data
+    config = {"usearch": ("usearch", {"connectivity": 4, "expansion_add": 16}),  # a poor graph: needs a wide search
+              "faiss-hnsw": ("faiss", {"factory": "HNSW4"})}[name]
+    index = build(config, keys, vectors)
+    setting = index.search_setting
+    index.set_search_setting(SEARCH_LADDER[0])
+    first = tune_search(index, keys, vectors, tune=False)  # measures only: the setting stays
+    assert index.params[setting] == SEARCH_LADDER[0]
+    reached = tune_search(index, keys, vectors, target=0.99)
+    chosen = index.params[setting]
+    assert reached >= 0.99 > first and chosen > SEARCH_LADDER[0]
+    cheaper = SEARCH_LADDER[SEARCH_LADDER.index(chosen) - 1]
+    index.set_search_setting(cheaper)
+    assert tune_search(index, keys, vectors, tune=False) < 0.99  # the one below it does not reach it
+
+
+def test_tune_search_on_an_exact_index_only_measures(data):
+    keys, vectors, _, _, _ = data
+    index = build(("exact", {}), keys, vectors)
+    assert index.search_setting is None and tune_search(index, keys, vectors) == 1.0
