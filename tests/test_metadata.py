@@ -513,6 +513,13 @@ def test_c2pa_errors(tmp_path, monkeypatch):
     assert "pip install 'fastattr[c2pa]'" in format_inspection(report)
 
 
+def test_c2pa_assertion_signed_before_the_exact_json_copy_still_reads():
+    from fastattr_hook.metadata.c2pa import _assertion_attribution
+
+    attribution = make_attribution(caption=NASTY)
+    assert _assertion_attribution(attribution.to_dict()).to_dict() == attribution.to_dict()
+
+
 def _png_with_chunks(path: Path, chunks: list[tuple[bytes, bytes]]) -> Path:
     """A valid PNG with extra chunks inserted before IEND (CRCs computed)."""
     buffer = __import__("io").BytesIO()

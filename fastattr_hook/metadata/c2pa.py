@@ -53,7 +53,13 @@ def _read_pem(file: str | Path, what: str) -> bytes:
 
 
 def _sign_c2pa(data: bytes, fmt: str, attribution: Attribution, config: C2paConfig, path: Path) -> bytes:
-    """Embed a signed manifest: ``c2pa.created`` (trainedAlgorithmicMedia) + our assertion."""
+    """Embed a signed manifest: ``c2pa.created`` (trainedAlgorithmicMedia) + our assertion.
+
+    The assertion holds the document (what C2PA viewers show) and its JSON text under ``json``, the
+    copy that is read back: c2pa re-parses the manifest with a JSON parser that moves about one
+    full-precision float in ten by one ulp (0.012345678901234567 -> ...68) and turns arrays of
+    numbers into bytes, so only the text round-trips exactly.
+    """
     c2pa = _c2pa_module()
     if config.alg.lower() not in _C2PA_ALGS:
         raise FastattrError(f"C2PA signing algorithm {config.alg!r} is not one of {', '.join(_C2PA_ALGS)}")
@@ -67,7 +73,7 @@ def _sign_c2pa(data: bytes, fmt: str, attribution: Attribution, config: C2paConf
             {"label": "c2pa.actions", "data": {"actions": [
                 {"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
                  "softwareAgent": {"name": "fastattr", "version": __version__}}]}},
-            {"label": C2PA_LABEL, "data": attribution.to_dict()},
+            {"label": C2PA_LABEL, "data": {**attribution.to_dict(), "json": attribution.to_json()}},
         ],
     }
     signed = io.BytesIO()
@@ -104,4 +110,10 @@ def _read_c2pa(path: Path) -> dict | None:
     ours = next((a for a in assertions if a.get("label") == C2PA_LABEL), None)
     if ours is None:
         return {**record, "value": None, "note": f"manifest has no {C2PA_LABEL} assertion"}
-    return {**record, **_parse_record(lambda: Attribution.from_dict(ours.get("data")))}
+    return {**record, **_parse_record(lambda: _assertion_attribution(ours.get("data")))}
+
+
+def _assertion_attribution(data: object) -> Attribution:
+    """The exact ``json`` copy when present (manifests before it carry only the structured data)."""
+    exact = data.get("json") if isinstance(data, dict) else None
+    return Attribution.from_json(exact) if isinstance(exact, str) else Attribution.from_dict(data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -16,12 +18,14 @@ from .c2pa import C2paConfig, _sign_c2pa
 from .common import _open_image, _supported_format
 from .jpeg import _embed_jpeg
 from .png import PNG_KEY, XMP_KEY, _embed_png
+from .reading import printable
 from .sidecar import _write_sidecar
 from .webp import _embed_webp
 from .xmp import _existing_xmp, _merged_xmp
 
 _SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 _NAMED_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def save_with_attribution(image: Image.Image, path: str | Path, attribution: Attribution, *,
@@ -37,6 +41,7 @@ def save_with_attribution(image: Image.Image, path: str | Path, attribution: Att
     and dpi of ``image`` are kept too.
     """
     path = Path(path)
+    _check_json(attribution)
     fmt = _format_for_save(path, format)
     text = {**_text_of(pnginfo_from), **_text_of(image), **(extra_text or {})}
     data = _embed(_encode(image, fmt, path), fmt, attribution, text, max_json_bytes, path)
@@ -53,10 +58,32 @@ def write_attribution_in_place(path: str | Path, attribution: Attribution, *, si
     packet and C2PA manifest (all replaced). Atomic: on any error the original file is untouched.
     """
     path = Path(path)
+    _check_json(attribution)
     with _open_image(path) as image:
         fmt = _supported_format(image, path)
     data = _embed(path.read_bytes(), fmt, attribution, extra_text or {}, max_json_bytes, path)
     return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
+
+
+def _check_json(attribution: Attribution) -> None:
+    """Refuse, before anything is written, what no carrier can hold: lone surrogates (a file name
+    decoded with ``surrogateescape``, say: UTF-8 carriers would fail half-way, EXIF's UTF-16 write
+    '?') and NaN or infinity (not JSON: other parsers and C2PA refuse them; creator shares are sums)."""
+    pending: list[tuple[str, object]] = [("attribution", attribution.to_dict())]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(f"{where} key", key) for key in value]
+            pending += [(f"{where}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise FastattrError(f"{printable(where)} is {value}: JSON has no NaN or infinity, "
+                                "so no carrier can hold it; check the scores and shares")
+        elif isinstance(value, str) and (found := _SURROGATE.search(value)):
+            raise FastattrError(f"{printable(where)} holds {found.group()!r}, a lone "
+                                "surrogate, not Unicode text; decode it with errors='replace' (or fix "
+                                "its source) before writing credits")
 
 
 def _format_for_save(path: Path, name: str | None) -> str:
