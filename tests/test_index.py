@@ -52,7 +52,7 @@ def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, t
     manifest = build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out,
                             _options(backend=backend, backend_params=params))
     assert manifest.items == len(rows) and manifest.manifest.rejected == 0
-    assert manifest.dtype == (params or {}).get("dtype", "f32")
+    assert manifest.dtype == (params or {}).get("dtype", "f16" if backend == "usearch" else "f32")
     assert manifest.recall_at_10 >= (0.99 if backend != "exact" else 1.0)  # tuned to RECALL_TARGET on its own data
     assert read_manifest(out).recall_at_10 == manifest.recall_at_10
     report = verify_bundle(out, deep=True, sample=24)

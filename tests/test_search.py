@@ -235,9 +235,9 @@ def test_bad_params_are_named(backend, params, message):
 
 def test_defaults_fill_the_stored_params():
     assert create_index("exact", DIM).params == {}
-    assert create_index("usearch", DIM).params == {"dtype": "f32", "connectivity": 32, "expansion_add": 128,
+    assert create_index("usearch", DIM).params == {"dtype": "f16", "connectivity": 32, "expansion_add": 128,
                                                    "expansion_search": 256}
-    assert create_index("usearch", DIM, {"dtype": "f16"}).params["dtype"] == "f16"
+    assert create_index("usearch", DIM, {"dtype": "f32"}).params["dtype"] == "f32"
     pytest.importorskip("faiss")
     assert create_index("faiss", DIM).params == {"factory": "HNSW32", "efSearch": 128, "gpu": True}
     assert create_index("faiss", DIM, {"factory": "Flat"}).params == {"factory": "Flat", "gpu": True}
@@ -309,7 +309,12 @@ def test_recall_at_k_by_hand():
 def test_default_backend_threshold():
     assert default_backend(0) == "exact"
     assert default_backend(EXACT_MAX_ITEMS - 1) == "exact"
-    assert default_backend(EXACT_MAX_ITEMS) == "usearch"
+    try:
+        import faiss  # noqa: F401
+        above = "faiss"  # HNSW32: the fastest at recall 0.99 where it is installed
+    except ImportError:
+        above = "usearch"
+    assert default_backend(EXACT_MAX_ITEMS) == above
 
 
 def test_faiss_factory_survives_usearch_loaded_first():
