@@ -126,7 +126,7 @@ def register(commands) -> None:
     p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet manifest, or webdataset .tar shard(s)")
     p.add_argument("--encoder", required=True, help="encoder spec YAML")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact for small sets, else usearch")
+    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact below 50,000 items, else faiss HNSW32 where faiss is installed, else usearch")
     p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
                    help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
     p.add_argument("--name", help="the bundle's name, recorded in every credit (default: the --out folder name)")
