@@ -21,7 +21,7 @@ from fastattr_hook.metadata import (C2paConfig, format_inspection, inspect_image
                                     save_with_attribution, sidecar_path, write_attribution_in_place)
 
 piexif = pytest.importorskip("piexif")
-import piexif.helper  # noqa: E402
+pytest.importorskip("piexif.helper")  # loads the submodule: piexif.helper.UserComment below
 
 IPTC = "{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}"
 NASTY = 'a <b> & "c" \'d\' ]]> é 猫 🎨 \x00\x07\x1b\x7f\ufffe\r\n\tend'
