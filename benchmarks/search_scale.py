@@ -296,7 +296,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/search_scale")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))  # `taskset -c 1 python ...` measures on one core
-    command = "python " + shlex.join(sys.argv)
+    argv = list(sys.argv)
+    if "--tmp" in argv:  # where the scratch indexes went is not part of the result (and names this machine)
+        del argv[argv.index("--tmp"):argv.index("--tmp") + 2]
+    command = "python " + shlex.join(argv)
     header = (f"Run {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())} on {platform.machine()}, {cores} of {os.cpu_count()} cores "
               f"(affinity); single-query latency on 1 thread, batch and build on {cores}.")
     print(header)
