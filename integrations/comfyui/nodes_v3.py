@@ -22,16 +22,19 @@ def _tooltips(node) -> dict[str, str]:
             for name, (_, options) in spec.get(section, {}).items()}
 
 
+def _schema(node_id: str, **fields) -> io.Schema:
+    """The schema of the V1 node ``node_id``: its id, display name, category and description, plus ``fields``."""
+    return io.Schema(node_id=node_id, display_name=v1.NODE_DISPLAY_NAME_MAPPINGS[node_id], category=v1.CATEGORY,
+                     description=v1.NODE_CLASS_MAPPINGS[node_id].DESCRIPTION, **fields)
+
+
 class FastattrLoadIndex(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         node = v1.FastattrLoadIndex
         tip = _tooltips(node)
-        return io.Schema(
-            node_id="FastattrLoadIndex",
-            display_name=v1.NODE_DISPLAY_NAME_MAPPINGS["FastattrLoadIndex"],
-            category=v1.CATEGORY,
-            description=node.DESCRIPTION,
+        return _schema(
+            "FastattrLoadIndex",
             inputs=[
                 io.String.Input("bundle_path", default="", multiline=False, tooltip=tip["bundle_path"]),
                 io.String.Input("device", default="auto", optional=True, tooltip=tip["device"]),
@@ -55,11 +58,8 @@ class FastattrAttributeImages(io.ComfyNode):
         node = v1.FastattrAttributeImages
         tip = _tooltips(node)
         images_tip, json_tip, grid_tip = node.OUTPUT_TOOLTIPS
-        return io.Schema(
-            node_id="FastattrAttributeImages",
-            display_name=v1.NODE_DISPLAY_NAME_MAPPINGS["FastattrAttributeImages"],
-            category=v1.CATEGORY,
-            description=node.DESCRIPTION,
+        return _schema(
+            "FastattrAttributeImages",
             inputs=[
                 io.Image.Input("images", tooltip=tip["images"]),
                 io.String.Input("prompt", default="", multiline=True, tooltip=tip["prompt"]),
@@ -85,11 +85,8 @@ class FastattrSaveImage(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         node = v1.FastattrSaveImage
         tip = _tooltips(node)
-        return io.Schema(
-            node_id="FastattrSaveImage",
-            display_name=v1.NODE_DISPLAY_NAME_MAPPINGS["FastattrSaveImage"],
-            category=v1.CATEGORY,
-            description=node.DESCRIPTION,
+        return _schema(
+            "FastattrSaveImage",
             inputs=[
                 io.Image.Input("images", tooltip=tip["images"]),
                 io.String.Input("filename_prefix", default="fastattr", tooltip=tip["filename_prefix"]),
