@@ -241,3 +241,19 @@ def test_wrapper_survives_methods_that_return_the_pipeline(tiny_sd, attributor):
     assert wrapped.unet is tiny_sd.unet  # modules and plain attributes pass through
     out = wrapped.to("cpu")(["a red circle"], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert len(out.attributions) == 1 and len(out.attributions[0].credits) == 2
+
+
+def test_wrapper_keeps_attributing_after_model_cpu_offload(tiny_sd, attributor):
+    """``enable_model_cpu_offload()`` works in place (returns None, as in diffusers) and installs
+    accelerate hooks on every model; the wrapped pipeline still attributes what it makes."""
+    wrapped = with_attribution(tiny_sd, attributor, k=2)
+    plain = _run(tiny_sd, ["a red circle"])
+    try:
+        assert wrapped.enable_model_cpu_offload(device="cpu") is None
+        assert hasattr(tiny_sd.unet, "_hf_hook") and hasattr(tiny_sd.vae, "_hf_hook")
+        out = wrapped(["a red circle"], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                      output_type="np")
+    finally:
+        tiny_sd.remove_all_hooks()
+    assert len(out.attributions) == 1 and len(out.attributions[0].credits) == 2
+    assert np.array_equal(out.images, plain)  # offloading changes no pixel
