@@ -12,8 +12,8 @@ Carriers (``CARRIERS``):
 
 Metadata is spliced into the encoded file at the container level (PNG chunks, JPEG segments, WebP
 RIFF chunks), so writing in place never re-encodes pixels and keeps every unrelated chunk/segment.
-A previous C2PA manifest is dropped when anything changes, because its hash binding would no longer
-match; pass a ``C2paConfig`` to sign the new file.
+A previous C2PA manifest no longer matches the changed file (its hash binding): with a ``C2paConfig``
+it becomes the ``parentOf`` ingredient of the new signed manifest; without one it is dropped.
 
 One module per carrier or container (``png``, ``jpeg``, ``webp``, ``exif``, ``xmp``, ``sidecar``,
 ``c2pa``); ``writing`` and ``reading`` go through all of them; ``common`` holds what several share.

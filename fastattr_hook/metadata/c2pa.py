@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from .common import _MIME, DIGITAL_SOURCE_TYPE, _parse_record
 
 C2PA_LABEL = "dev.fastattr.attribution"
 _C2PA_ALGS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
+_OFFLINE = {"verify": {"remote_manifest_fetch": False}}  # never fetch a manifest a file only points to
+_PARENT_ID = "parent"  # links the c2pa.opened action to the parentOf ingredient
 
 
 @dataclass(frozen=True)
@@ -52,65 +55,133 @@ def _read_pem(file: str | Path, what: str) -> bytes:
     return data
 
 
-def _sign_c2pa(data: bytes, fmt: str, attribution: Attribution, config: C2paConfig, path: Path) -> bytes:
-    """Embed a signed manifest: ``c2pa.created`` (trainedAlgorithmicMedia) + our assertion.
+def _sign_c2pa(data: bytes, fmt: str, attribution: Attribution, config: C2paConfig, path: Path,
+               previous: bytes | None = None) -> bytes:
+    """Embed a signed manifest: a ``c2pa.created`` action (trainedAlgorithmicMedia) + our assertion.
 
     The assertion holds the document (what C2PA viewers show) and its JSON text under ``json``, the
     copy that is read back: c2pa re-parses the manifest with a JSON parser that moves about one
     full-precision float in ten by one ulp (0.012345678901234567 -> ...68) and turns arrays of
     numbers into bytes, so only the text round-trips exactly.
+
+    ``previous`` is the file as it was before this write. When it carries a manifest (a camera's,
+    another tool's, our last one), that manifest becomes the ``parentOf`` ingredient of ours, so the
+    provenance chain survives; C2PA allows ``c2pa.created`` only without a parent, so the actions are
+    then ``c2pa.opened`` (the parent) and ``c2pa.edited.metadata`` (the pixels are untouched).
     """
     c2pa = _c2pa_module()
     if config.alg.lower() not in _C2PA_ALGS:
         raise FastattrError(f"C2PA signing algorithm {config.alg!r} is not one of {', '.join(_C2PA_ALGS)}")
     chain = _read_pem(config.cert_chain, "certificate chain")
     key = _read_pem(config.private_key, "private key")
-    manifest = {
-        "claim_generator_info": [{"name": "fastattr", "version": __version__}],
-        "title": path.name,
-        "format": _MIME[fmt],
-        "assertions": [
-            {"label": "c2pa.actions", "data": {"actions": [
-                {"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
-                 "softwareAgent": {"name": "fastattr", "version": __version__}}]}},
-            {"label": C2PA_LABEL, "data": {**attribution.to_dict(), "json": attribution.to_json()}},
-        ],
-    }
-    signed = io.BytesIO()
-    try:
-        info = c2pa.C2paSignerInfo(alg=config.alg.lower(), sign_cert=chain, private_key=key,
-                                   ta_url=config.ta_url)
-        with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest) as builder:
-            builder.sign(signer, _MIME[fmt], io.BytesIO(data), signed)
-    except (c2pa.C2paError, ValueError) as exc:
-        raise FastattrError(f"C2PA signing of {path} failed ({exc}); check that {config.private_key} "
-                            f"matches the first certificate in {config.cert_chain} and alg "
-                            f"{config.alg!r} fits the key") from None
+    mime = _MIME[fmt]
+    agent = {"name": "fastattr", "version": __version__}
+    with c2pa.Context.from_dict(_OFFLINE) as context:
+        chained = previous is not None and _has_manifest(c2pa, context, previous, mime, path)
+        if chained:
+            actions = [{"action": "c2pa.opened", "softwareAgent": agent,
+                        "parameters": {"ingredientIds": [_PARENT_ID]}},
+                       {"action": "c2pa.edited.metadata", "softwareAgent": agent}]
+        else:
+            actions = [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE,
+                        "softwareAgent": agent}]
+        manifest = {
+            "claim_generator_info": [agent],
+            "title": path.name,
+            "format": mime,
+            "assertions": [
+                {"label": "c2pa.actions", "data": {"actions": actions}},
+                {"label": C2PA_LABEL, "data": {**attribution.to_dict(), "json": attribution.to_json()}},
+            ],
+        }
+        signed = io.BytesIO()
+        try:
+            info = c2pa.C2paSignerInfo(alg=config.alg.lower(), sign_cert=chain, private_key=key,
+                                       ta_url=config.ta_url)
+            with c2pa.Signer.from_info(info) as signer, c2pa.Builder(manifest, context=context) as builder:
+                if chained:
+                    builder.add_ingredient({"title": path.name, "relationship": "parentOf", "label": _PARENT_ID},
+                                           mime, io.BytesIO(previous))
+                builder.sign(signer, mime, io.BytesIO(data), signed)
+        except (c2pa.C2paError, ValueError) as exc:
+            raise FastattrError(f"C2PA signing of {path} failed ({exc}); check that {config.private_key} "
+                                f"matches the first certificate in {config.cert_chain} and alg "
+                                f"{config.alg!r} fits the key") from None
     return signed.getvalue()
 
 
+def _has_manifest(c2pa, context, data: bytes, mime: str, path: Path) -> bool:
+    """Whether ``data`` carries a manifest to chain; one that cannot be parsed cannot be chained,
+    and dropping it silently would lose provenance, so that is an error."""
+    try:
+        reader = c2pa.Reader.try_create(mime, io.BytesIO(data), context=context)
+    except c2pa.C2paError as exc:
+        raise FastattrError(f"the C2PA manifest already in {path} cannot be read ({exc}), so it cannot be "
+                            "chained as the parent of the new one; to drop it, write once without a "
+                            "C2paConfig, then sign") from None
+    if reader is None:
+        return False
+    reader.close()
+    return True
+
+
 def _read_c2pa(path: Path) -> dict | None:
+    """Our (active) manifest; ``parent`` names the manifest it was chained to, and the digital source
+    type is that of the ``c2pa.created`` action the chain starts from."""
     c2pa = _c2pa_module()
-    try:  # offline: never fetch a manifest that the file only points to by URL
-        with c2pa.Context.from_dict({"verify": {"remote_manifest_fetch": False}}) as context:
+    try:
+        with c2pa.Context.from_dict(_OFFLINE) as context:
             reader = c2pa.Reader.try_create(str(path), context=context)
             if reader is None:
                 return None
             with reader:
-                manifest = reader.get_active_manifest() or {}
+                store = json.loads(reader.json())
                 state = reader.get_validation_state()
     except c2pa.C2paError as exc:
         return {"value": None, "error": f"manifest unreadable: {exc}"}
-    assertions = manifest.get("assertions", [])
-    actions = [action for a in assertions if a.get("label", "").startswith("c2pa.actions")
-               for action in a.get("data", {}).get("actions", [])]
+    manifests = store.get("manifests", {})
+    lineage = _lineage(manifests, store.get("active_manifest"))
+    manifest = lineage[0] if lineage else {}
+    parent = _parent_ingredient(manifest)
     record = {"validation_state": state,
-              "digital_source_type": next((a.get("digitalSourceType") for a in actions
-                                           if a.get("action") == "c2pa.created"), None)}
-    ours = next((a for a in assertions if a.get("label") == C2PA_LABEL), None)
+              "digital_source_type": next((a.get("digitalSourceType") for m in lineage for a in _actions(m)
+                                           if a.get("action") == "c2pa.created"), None),
+              "parent": None if parent is None else _describe_parent(parent, manifests)}
+    ours = next((a for a in manifest.get("assertions", []) if a.get("label") == C2PA_LABEL), None)
     if ours is None:
         return {**record, "value": None, "note": f"manifest has no {C2PA_LABEL} assertion"}
     return {**record, **_parse_record(lambda: _assertion_attribution(ours.get("data")))}
+
+
+def _lineage(manifests: dict, label: str | None) -> list[dict]:
+    """The active manifest, its parent's, and so on (a label seen twice ends the walk)."""
+    labels = []
+    while label in manifests and label not in labels:
+        labels.append(label)
+        parent = _parent_ingredient(manifests[label])
+        label = None if parent is None else parent.get("active_manifest")
+    return [manifests[label] for label in labels]
+
+
+def _parent_ingredient(manifest: dict) -> dict | None:
+    return next((i for i in manifest.get("ingredients", []) if i.get("relationship") == "parentOf"), None)
+
+
+def _actions(manifest: dict) -> list[dict]:
+    return [action for a in manifest.get("assertions", []) if a.get("label", "").startswith("c2pa.actions")
+            for action in a.get("data", {}).get("actions", [])]
+
+
+def _describe_parent(ingredient: dict, manifests: dict) -> str:
+    """Title and claim generator of the parent, e.g. ``photo.jpg (fastattr 0.4.0)``."""
+    title = ingredient.get("title") or "untitled"
+    manifest = manifests.get(ingredient.get("active_manifest"))
+    if manifest is None:
+        return title
+    info = (manifest.get("claim_generator_info") or [{}])[0]
+    generator = " ".join(str(info[key]) for key in ("name", "version") if info.get(key))
+    generator = generator or manifest.get("claim_generator")
+    return f"{title} ({generator})" if generator else title
 
 
 def _assertion_attribution(data: object) -> Attribution:

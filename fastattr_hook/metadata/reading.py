@@ -200,7 +200,7 @@ def _describe_carrier(name: str, info: dict) -> str:
         parts.append(f"{info['credits']} of {info['k']} credits{truncated}")
     if name in ("xmp", "c2pa") and info.get("digital_source_type"):
         parts.append("DigitalSourceType " + info["digital_source_type"].rsplit("/", 1)[-1])
-    for key in ("validation_state", "path", "note", "error"):
+    for key in ("validation_state", "parent", "path", "note", "error"):
         if info.get(key):
             parts.append(f"{key.replace('_', ' ')}: {printable(info[key])}")
     return ", ".join(parts)

@@ -55,14 +55,16 @@ def write_attribution_in_place(path: str | Path, attribution: Attribution, *, si
     """Add or replace the carriers of an existing PNG/JPEG/WebP without re-encoding its pixels.
 
     Everything else in the file is kept byte for byte, except a previous fastattr payload, XMP
-    packet and C2PA manifest (all replaced). Atomic: on any error the original file is untouched.
+    packet and C2PA manifest (all replaced; with ``c2pa`` the old manifest becomes the parent
+    ingredient of the new one). Atomic: on any error the original file is untouched.
     """
     path = Path(path)
     _check_json(attribution)
     with _open_image(path) as image:
         fmt = _supported_format(image, path)
-    data = _embed(path.read_bytes(), fmt, attribution, extra_text or {}, max_json_bytes, path)
-    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
+    previous = path.read_bytes()
+    data = _embed(previous, fmt, attribution, extra_text or {}, max_json_bytes, path)
+    return _write_carriers(path, data, fmt, attribution, c2pa, sidecar, previous)
 
 
 def _check_json(attribution: Attribution) -> None:
@@ -131,10 +133,11 @@ def _embed(data: bytes, fmt: str, attribution: Attribution, text: dict[str, str]
 
 
 def _write_carriers(path: Path, data: bytes, fmt: str, attribution: Attribution, c2pa: C2paConfig | None,
-                    sidecar: bool) -> Path:
-    """Sign (optionally), then write the image atomically and its sidecar."""
+                    sidecar: bool, previous: bytes | None = None) -> Path:
+    """Sign (optionally; a manifest in ``previous``, the file before this write, becomes the parent
+    of ours), then write the image atomically and its sidecar."""
     if c2pa is not None:
-        data = _sign_c2pa(data, fmt, attribution, c2pa, path)
+        data = _sign_c2pa(data, fmt, attribution, c2pa, path, previous)
     _write_image(path, data)
     if sidecar:
         _write_sidecar(path, attribution)
