@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import struct
 import sys
+import tracemalloc
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import ExifTags, Image, PngImagePlugin, TiffImagePlugin, TiffTags
 
 from fastattr_hook import metadata
 from fastattr_hook.attribution import Attribution, Credit
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.metadata import (C2paConfig, format_inspection, inspect_image, read_attribution,
                                     save_with_attribution, sidecar_path, write_attribution_in_place)
-
-piexif = pytest.importorskip("piexif")
-pytest.importorskip("piexif.helper")  # loads the submodule: piexif.helper.UserComment below
 
 IPTC = "{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}"
 NASTY = 'a <b> & "c" \'d\' ]]> é 猫 🎨 \x00\x07\x1b\x7f\ufffe\r\n\tend'
@@ -65,6 +64,38 @@ def leftovers(directory: Path) -> list[str]:
     return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
 
 
+def user_comment(path: Path) -> bytes:
+    """The raw UserComment (character code + text) of an image's EXIF."""
+    with Image.open(path) as image:
+        return image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+
+
+def exif_ifd_types(path: Path) -> dict[int, int]:
+    """Tag -> TIFF type as stored in the Exif sub-IFD (Pillow's Exif API does not expose types)."""
+    with Image.open(path) as image:
+        block = image.info["exif"].removeprefix(b"Exif\x00\x00")
+        pointer = image.getexif()[ExifTags.IFD.Exif]
+    ifd = TiffImagePlugin.ImageFileDirectory_v2(block[:8])
+    stream = io.BytesIO(block)
+    stream.seek(pointer)
+    ifd.load(stream)
+    return dict(ifd.tagtype)
+
+
+def tiff(entries: list[tuple[int, int, int, int]], order: str = "<", tail: bytes = b"") -> bytes:
+    """An EXIF block: IFD0 at offset 8 holding (tag, type, count, value/offset) entries, then ``tail``."""
+    return (b"Exif\x00\x00" + (b"II*\x00" if order == "<" else b"MM\x00*")
+            + struct.pack(order + "IH", 8, len(entries)) + b"".join(struct.pack(order + "HHII", *e) for e in entries)
+            + struct.pack(order + "I", 0) + tail)
+
+
+def a1111_exif(comment: bytes) -> bytes:
+    """EXIF laid out as A1111 writes it (piexif): big-endian, IFD0 holding only the Exif IFD pointer,
+    whose one entry is an UNDEFINED UserComment."""
+    exif_ifd = struct.pack(">HHHII", 1, 0x9286, 7, len(comment), 44) + struct.pack(">I", 0)
+    return tiff([(0x8769, 4, 1, 26)], ">", exif_ifd + comment)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 def test_png_round_trip(tmp_path):
@@ -88,6 +119,7 @@ def test_jpeg_webp_round_trip_keeps_exif(tmp_path, suffix):
     exif = Image.Exif()
     exif[0x013B] = "Jane Artist"  # Artist
     exif[0x8298] = "(c) Jane"     # Copyright
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.MakerNote] = b"\x01maker\x00note"
     image.info["exif"] = exif.tobytes()
     attribution = make_attribution()
     out = save_with_attribution(image, tmp_path / f"out{suffix}", attribution)
@@ -98,9 +130,11 @@ def test_jpeg_webp_round_trip_keeps_exif(tmp_path, suffix):
     with Image.open(out) as reread:
         kept = reread.getexif()
         assert kept[0x013B] == "Jane Artist" and kept[0x8298] == "(c) Jane"
-        comment = piexif.load(reread.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
-        assert comment.startswith(b"ASCII\x00\x00\x00")  # the JSON here is pure ASCII
+        assert kept.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.MakerNote] == b"\x01maker\x00note"
         assert reread.size == image.size
+    assert user_comment(out).startswith(b"ASCII\x00\x00\x00")  # the JSON here is pure ASCII
+    types = exif_ifd_types(out)  # UNDEFINED, as the EXIF spec types them (not Pillow's default, BYTE)
+    assert types[ExifTags.Base.UserComment] == types[ExifTags.Base.MakerNote] == TiffTags.UNDEFINED
 
 
 def test_special_characters_survive_every_carrier(tmp_path):
@@ -122,9 +156,10 @@ def test_special_characters_survive_every_carrier(tmp_path):
         text = format_inspection(report)
         assert "\x1b" not in text and "\\x1b" in text and "猫" in text  # terminal-safe, still readable
     with Image.open(tmp_path / "out.jpg") as image:
-        comment = piexif.load(image.info["exif"])["Exif"][piexif.ExifIFD.UserComment]
+        assert image.info["exif"].startswith(b"Exif\x00\x00MM")  # big-endian: UTF-16BE is its byte order
+    comment = user_comment(tmp_path / "out.jpg")
     assert comment.startswith(b"UNICODE\x00")
-    assert json.loads(piexif.helper.UserComment.load(comment))["prompt"] == NASTY
+    assert json.loads(comment[8:].decode("utf-16-be"))["prompt"] == NASTY
 
 
 def test_long_credit_list_is_truncated_keeping_top_ranks(tmp_path):
@@ -178,23 +213,25 @@ def test_comfyui_and_a1111_chunks_are_kept(tmp_path):
 
 
 def test_comfyui_text_in_webp_exif_follows_comfyui_convention(tmp_path):
-    extra = {"prompt": '{"3": {}}', "workflow": '{"nodes": []}'}
+    extra = {"prompt": '{"3": {}}', "workflow": '{"nodes": ["é 猫"]}'}
     out = save_with_attribution(rgb(), tmp_path / "out.webp", make_attribution(), extra_text=extra)
+    write_attribution_in_place(out, make_attribution(n=3))  # the text is kept, and its UTF-8 not mangled
     with Image.open(out) as image:
         exif = image.getexif()
-    assert exif[0x0110] == "prompt:" + extra["prompt"] and exif[0x010F] == "workflow:" + extra["workflow"]
+    assert exif[0x0110] == "prompt:" + extra["prompt"]
+    assert exif[0x010F].encode("latin-1").decode() == "workflow:" + extra["workflow"]  # Pillow reads Latin-1
     assert inspect_image(out)["other_metadata"]["workflow"] is True
 
 
 def test_a1111_user_comment_in_jpeg_is_not_overwritten(tmp_path):
     parameters = "a cat\nSteps: 20, Sampler: Euler a"
-    exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(parameters, "unicode")}})
     path = tmp_path / "a1111.jpg"
-    rgb().save(path, quality=90, exif=exif)
+    rgb().save(path, quality=90, exif=a1111_exif(b"UNICODE\x00" + parameters.encode("utf-16-be")))
     write_attribution_in_place(path, make_attribution())
     found = read_attribution(path)
     assert "exif" not in found and found["xmp"]["k"] == 5 and "sidecar" in found
     assert inspect_image(path)["other_metadata"]["parameters"] == parameters
+    assert user_comment(path) == b"UNICODE\x00" + parameters.encode("utf-16-be")  # kept byte for byte
 
 
 def test_xmp_carries_digital_source_type(tmp_path):
@@ -552,12 +589,66 @@ def test_hostile_files_are_reported_and_a_batch_continues(tmp_path, capsys):
         assert "not a regular file" in out
 
 
-def test_fuzzed_exif_claiming_gigabytes_is_refused_before_piexif(tmp_path):
+def test_fuzzed_exif_claiming_gigabytes_is_refused_before_pillow_parses_it(tmp_path):
     """A 1 KB JPEG whose EXIF entry claims 0x40000000 LONGs: refused by our bounds walk, no allocation."""
     good = save_with_attribution(rgb(), tmp_path / "good.jpg", make_attribution())
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x010F, 4, 0x40000000, 26) \
-        + struct.pack("<I", 0)
-    rgb().save(tmp_path / "fuzzed.jpg", exif=b"Exif\x00\x00" + tiff)
+    rgb().save(tmp_path / "fuzzed.jpg", exif=tiff([(0x010F, 4, 0x40000000, 26)]))
     with pytest.raises(FastattrError, match="EXIF block is corrupt .*claims 4294967296 bytes"):
         inspect_image(tmp_path / "fuzzed.jpg")
     assert inspect_image(good)["agree"] is True  # a sound block still reads
+
+
+@pytest.mark.parametrize("block, problem", [
+    # 4000 entries each claiming the same 40 KB: each fits, but a parser copies each (160 MB)
+    (tiff([(0x1000 + n, 7, 40_000, 8) for n in range(4000)]), r"entries claim \d+ bytes in all"),
+    # an Exif IFD pointer typed SHORT: Pillow would follow its first 2 bytes, the walk its 4
+    (tiff([(0x8769, 3, 1, 0x00020000)]), "0x8769 is not one LONG offset"),
+    (tiff([(0x8769, 4, 1, 8)]), "IFD loop"),  # the Exif IFD is IFD0 again
+], ids=["overlapping", "short-pointer", "loop"])
+def test_hostile_exif_is_refused_in_bounded_memory(tmp_path, block, problem):
+    path = tmp_path / "hostile.webp"  # WebP: Pillow does not parse EXIF on open, so this is all ours
+    rgb().save(path, exif=block)
+    original = path.read_bytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FastattrError, match=f"hostile.webp: its EXIF block is corrupt .*{problem}.*strip it"):
+            inspect_image(path)
+        with pytest.raises(FastattrError, match=problem):
+            write_attribution_in_place(path, make_attribution())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+    assert path.read_bytes() == original and leftovers(tmp_path) == []
+
+
+def test_exif_interoperates_with_piexif(tmp_path):
+    """piexif (what A1111 reads and wrote with, and what fastattr wrote with before Pillow) as a second
+    reader of ours, and as the writer of a file fastattr must still read and rewrite."""
+    piexif = pytest.importorskip("piexif")
+    from piexif.helper import UserComment
+
+    text = {"prompt": '{"3": "é"}', "workflow": "wörk"}
+    plain = make_attribution()
+    nasty = make_attribution(caption=NASTY)
+    for name, attribution in (("a.jpg", plain), ("b.webp", plain), ("c.jpg", nasty), ("d.webp", nasty)):
+        out = save_with_attribution(rgb(), tmp_path / name, attribution, extra_text=text)
+        with Image.open(out) as image:
+            block = image.info["exif"]
+        loaded = piexif.load(block if block.startswith(b"Exif") else b"Exif\x00\x00" + block)
+        assert Attribution.from_json(UserComment.load(loaded["Exif"][piexif.ExifIFD.UserComment])).to_dict() \
+            == attribution.to_dict(), name
+        assert loaded["0th"][piexif.ImageIFD.Model] == 'prompt:{"3": "é"}'.encode()
+        assert loaded["0th"][piexif.ImageIFD.Make] == "workflow:wörk".encode()
+
+    old = tmp_path / "old.jpg"  # exactly what the piexif-based writer put in a JPEG
+    rgb().save(old, exif=piexif.dump({
+        "0th": {piexif.ImageIFD.Model: 'prompt:{"3": "é"}'.encode(), piexif.ImageIFD.Make: "workflow:wörk".encode()},
+        "Exif": {piexif.ExifIFD.UserComment: UserComment.dump(nasty.to_json(), "unicode")}}))
+    assert read_attribution(old)["exif"].to_dict() == nasty.to_dict()
+    assert inspect_image(old)["other_metadata"] == {"parameters": None, "prompt": True, "workflow": True}
+    write_attribution_in_place(old, plain)
+    assert read_attribution(old)["exif"].to_dict() == plain.to_dict()
+    loaded = piexif.load(str(old))
+    assert loaded["0th"][piexif.ImageIFD.Make] == "workflow:wörk".encode()  # not '?' for the non-ASCII
+    assert UserComment.load(loaded["Exif"][piexif.ExifIFD.UserComment]) == plain.to_json()

@@ -4,6 +4,7 @@ Every carrier that holds the full JSON (PNG iTXt, EXIF UserComment, sidecar, C2P
 ``to_dict()`` unchanged; the XMP summary must give back its fields (rank, id, creator, share, k,
 fingerprints) less the characters XML 1.0 cannot hold, nothing else. What standard JSON cannot hold
 (lone surrogates, NaN, infinity) must be refused with a FastattrError before anything is written.
+A damaged EXIF block must be read, rewritten or refused with a FastattrError, in bounded memory.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ import io
 import json
 import math
 import re
+import struct
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import ExifTags, Image
 
 from fastattr_hook.attribution import SCHEMA, Attribution, Credit
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.metadata import (DIGITAL_SOURCE_TYPE, XMP_TOP, C2paConfig, inspect_image, read_attribution,
                                     save_with_attribution, write_attribution_in_place)
-
-pytest.importorskip("piexif")
+from fastattr_hook.metadata.exif import _OUR_JSON_PREFIX, _exif_bytes, _exif_texts, _load_exif, _user_comment
 
 # What XML 1.0 cannot hold (its Char production); the XMP summary drops these, nothing else.
 NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -168,3 +170,55 @@ def test_text_that_is_not_unicode_and_numbers_that_are_not_json_are_refused(suff
     target = attribution if field == "prompt" else attribution.credits[which % len(attribution.credits)]
     setattr(target, field, (getattr(target, field) or "") + bad if isinstance(bad, str) else bad)
     check_round_trip(suffix, attribution, in_place)
+
+
+SEED_CREDITS = Attribution(prompt="é", credits=[Credit(rank=1, key=1, id="a", score=1.0, share=1.0)])
+
+
+def camera_exif() -> bytes:
+    """What cameras and tools write (IFD0 text and numbers, an Exif IFD with a MakerNote, a GPS IFD),
+    plus our UNICODE UserComment and ComfyUI-style text: the block that fuzzing damages."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Artist], exif[ExifTags.Base.Orientation], exif[ExifTags.Base.XResolution] = "Jane", 3, 72.0
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    sub[ExifTags.Base.DateTimeOriginal], sub[ExifTags.Base.ExposureTime] = "2024:01:01 00:00:00", 0.01
+    sub[ExifTags.Base.MakerNote], sub[ExifTags.Base.ExifVersion] = b"MAKER" * 10, b"0232"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef], gps[ExifTags.GPS.GPSLatitude] = "N", (1.0, 2.0, 3.0)
+    return _exif_bytes(exif.tobytes(), SEED_CREDITS, {"workflow": "wörk"}, 65536, None, Path("seed"))
+
+
+SEED = camera_exif()
+WORDS = st.sampled_from([0, 1, 2, 4, 7, 8, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]).map(lambda w: struct.pack(">I", w))
+# Overwrites after the "Exif\0\0" header: single bytes, or counts/types/offsets that bite.
+EDITS = st.lists(st.tuples(st.integers(6, len(SEED) - 4), st.binary(min_size=1, max_size=1) | WORDS),
+                 min_size=1, max_size=8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the damaged entries it is given
+@settings(max_examples=150, deadline=None)
+@given(edits=EDITS)
+def test_fuzzed_exif_is_read_and_rewritten_or_refused_in_bounded_memory(edits):
+    """Any damage to a real block: reading gives text or a FastattrError; rewriting gives a block
+    whose UserComment is the new credits (or a foreign comment, kept) or a FastattrError; ~1 KB in,
+    never more than a few MB allocated."""
+    block = bytearray(SEED)
+    for at, value in edits:
+        block[at:at + len(value)] = value
+    attribution = Attribution(prompt="new", credits=[Credit(rank=1, key=2, id="b", score=0.5, share=1.0)])
+    tracemalloc.start()
+    try:
+        try:
+            exif = _load_exif(bytes(block), Path("fuzzed.jpg"))
+            _user_comment(exif)
+            _exif_texts(exif)
+            rewritten = _exif_bytes(bytes(block), attribution, {}, 65536, 65533, Path("fuzzed.jpg"))
+        except FastattrError as exc:
+            assert str(exc).startswith("fuzzed.jpg: its EXIF") and "strip it" in str(exc)
+        else:
+            comment = _user_comment(_load_exif(rewritten, Path("rewritten.jpg")))
+            assert comment == attribution.to_json() or (comment and not comment.startswith(_OUR_JSON_PREFIX))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, peak
