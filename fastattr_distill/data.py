@@ -7,6 +7,8 @@ the teacher scored, so a student is never trained on rankings of other data.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class DistillDataset:
     train_ids: np.ndarray
     variants: list[str]
     variant_tau: np.ndarray  # [V, C], NaN outside the test queries
+    parts: tuple[Path, ...] = ()  # the files of a combined dataset (``load_datasets``), else just ``path``
 
     @property
     def manifest(self) -> Path:
@@ -46,7 +49,10 @@ class DistillDataset:
 
     @property
     def fingerprint(self) -> str:
-        return "sha256:" + sha256_file(self.path)
+        if len(self.parts) < 2:
+            return "sha256:" + sha256_file(self.path)
+        digest = hashlib.sha256("\n".join(sha256_file(p) for p in self.parts).encode()).hexdigest()
+        return "sha256:" + digest
 
     def queries(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
@@ -98,3 +104,42 @@ def load_dataset(path: str | Path) -> DistillDataset:
     return DistillDataset(path.resolve(), meta, arrays["query_id"], arrays["split"], arrays["prompt"], arrays["seed"], images,
                           arrays["offsets"], arrays["key"], arrays["tau"], arrays["rank"], train_keys, train_ids,
                           variants, variant_tau)
+
+
+def load_datasets(paths: str | Path | list[str | Path]) -> DistillDataset:
+    """One dataset, or several scored by the same teacher on the same model and training table (e.g.
+    a job of more train queries next to the first one) as one: queries and candidates concatenated in
+    the given order (teacher variants: the first dataset's). Refused, naming the file: another model,
+    manifest, training table or teacher settings, or a train prompt that is a test prompt of any of them."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise FastattrError("no distillation dataset given; list at least one distill.npz")
+    sets = [load_dataset(p) for p in paths]
+    first = sets[0]
+    if len(sets) == 1:
+        return first
+    for other in sets[1:]:
+        for what, a, b in (("model", first.meta.get("fingerprints", {}).get("model"), other.meta.get("fingerprints", {}).get("model")),
+                           ("manifest", first.meta.get("fingerprints", {}).get("manifest"),
+                            other.meta.get("fingerprints", {}).get("manifest")),
+                           ("teacher settings", first.meta["job"].get("teacher"), other.meta["job"].get("teacher"))):
+            if a != b:
+                raise FastattrError(f"{other.path}: another {what} than {first.path}; datasets trained on together "
+                                    f"must be scored by the same teacher on the same model and manifest")
+        if not np.array_equal(other.train_keys, first.train_keys):
+            raise FastattrError(f"{other.path}: another training table than {first.path}; merge both jobs against "
+                                f"the same bundle")
+    test_prompts = {str(p) for d in sets for p in d.prompt[d.split == "test"]}
+    for d in sets:
+        leaked = sorted({str(p) for p in d.prompt[d.split == "train"]} & test_prompts)
+        if leaked:
+            raise FastattrError(f"{d.path}: train prompt {leaked[0]!r} is a test prompt of the datasets trained on "
+                                f"together; make the later job's prompts with `fastattr sandbox prompts --exclude`")
+    sizes = np.cumsum([0] + [len(d.key) for d in sets])
+    variant_tau = np.full((len(first.variants), sizes[-1]), np.nan)
+    variant_tau[:, :len(first.key)] = first.variant_tau
+    cat = {name: np.concatenate([getattr(d, name) for d in sets])
+           for name in ("query_id", "split", "prompt", "seed", "image", "key", "tau", "rank")}
+    offsets = np.concatenate([first.offsets[:1]] + [d.offsets[1:] + start for d, start in zip(sets, sizes)])
+    return dataclasses.replace(first, **cat, offsets=offsets, variant_tau=variant_tau,
+                               parts=tuple(d.path for d in sets))

@@ -38,7 +38,7 @@ from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, save_head
 from index_tools.features import cached_features
 
-from .data import DistillDataset, load_dataset
+from .data import DistillDataset, load_datasets
 from .metrics import average_precision, spearman
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class HeadConfig:
 class DistillConfig:
     """One training run; relative paths are relative to the YAML file."""
 
-    dataset: str  # distill.npz made by `fastattr teacher merge`
+    dataset: str | list[str]  # distill.npz made by `fastattr teacher merge`, or several of one teacher and model
     encoder: str  # encoder spec whose backbones the head sits on (its own head, if any, is ignored)
     out: str  # folder for head.safetensors, encoder.yaml, train.json and the checkpoint
     name: str = "tuned"  # the tuned encoder's name (recorded in bundles and credits)
@@ -79,8 +79,11 @@ def load_config(path: str | Path) -> DistillConfig:
     path = Path(path)
     config = load_yaml(DistillConfig, path)
     base = path.parent.resolve()
-    config = dataclasses.replace(config, **{k: str((base / getattr(config, k)).resolve())
-                                            for k in PATH_KEYS if getattr(config, k) is not None})
+    def resolve(value: str | list[str]) -> str | list[str]:
+        return [resolve(v) for v in value] if isinstance(value, list) else str((base / value).resolve())
+
+    config = dataclasses.replace(config, **{k: resolve(getattr(config, k)) for k in PATH_KEYS
+                                            if getattr(config, k) is not None})
     checks = [(config.epochs >= 1, "epochs", ">= 1"), (config.batch_size >= 1, "batch_size", ">= 1"),
               (0 <= config.outlier_rate < 1, "outlier_rate", "in [0, 1)"),
               (0 <= config.val_fraction < 1, "val_fraction", "in [0, 1)"), (len(config.betas) == 2, "betas", "two numbers")]
@@ -266,7 +269,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     out = Path(config.out)
     spec_path = Path(config.encoder)
     base = Encoder.from_yaml(spec_path, device=device)
-    data = load_dataset(config.dataset)
+    data = load_datasets(config.dataset)
     cache = config.cache or out / "cache"
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()  # the main process fills the feature store, the others then read it

@@ -35,17 +35,21 @@ def _sandbox_prompts(args) -> int:
     from fastattr_sandbox import build
     from fastattr_sandbox.world import grammar_prompts
     from fastattr_hook.files import atomic_write_text
+    from fastattr_teacher.curate import read_prompts
 
     root = Path(args.sandbox) if args.sandbox else build.sandbox_dir()
     data = root / "data"
     held_out = [json.loads(line) for line in (data / "query_prompts.jsonl").read_text().splitlines() if line]
-    held_out = list({p["prompt"]: {**p, "source": "held-out"} for p in held_out}.values())[:args.count]
+    excluded = {prompt for path in args.exclude for prompt in read_prompts(path)}
+    held_out = [p for p in {p["prompt"]: {**p, "source": "held-out"} for p in held_out}.values()
+                if p["prompt"] not in excluded][:args.count]
     captions = {json.loads(line)["caption"] for line in (data / "manifest.jsonl").read_text().splitlines() if line}
-    extra = grammar_prompts(args.seed, args.count - len(held_out), captions | {p["prompt"] for p in held_out})
+    extra = grammar_prompts(args.seed, args.count - len(held_out),
+                            captions | excluded | {p["prompt"] for p in held_out})
     rows = held_out + [{**p, "source": "grammar"} for p in extra]
     atomic_write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
     print(f"{args.out}: {len(held_out)} held-out query prompts of {root} + {len(extra)} new grammar prompts "
-          f"(none is a training caption)")
+          f"(none is a training caption{' or a prompt of ' + ', '.join(args.exclude) if args.exclude else ''})")
     return 0
 
 
@@ -91,6 +95,9 @@ def register(commands) -> None:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--sandbox", help="sandbox directory (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the new grammar prompts")
+    p.add_argument("--exclude", action="append", default=[], metavar="PROMPTS",
+                   help="a prompts file (JSONL) whose prompts must not recur, e.g. an earlier job's, so that a new "
+                   "job's train prompts are never that job's test prompts (repeatable)")
     p.set_defaults(func=_sandbox_prompts)
     p = sandbox.add_parser("set-encoder", help="rebuild the sandbox's bundle with another encoder (e.g. the "
                            "distilled one in SANDBOX/tuned/) and record it")

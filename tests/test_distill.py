@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fastattr_distill.data import load_dataset
+from fastattr_distill.data import load_dataset, load_datasets
 from fastattr_distill.evaluate import evaluate, method_scores, write_report
 from fastattr_distill.metrics import average_precision, recall_at, spearman
 from fastattr_distill.train import Pairs, load_config, split_queries, subsample, train, with_outliers
@@ -210,6 +210,45 @@ def test_bad_input_is_named(dataset, micro_sandbox, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "head": "head.safetensors"}))
     with pytest.raises(FastattrError, match="expects 7-d input"):
         Encoder.from_yaml(tmp_path / "bad.yaml", device="cpu")
+
+
+def _second_dataset(dataset: Path, folder: Path, prompt=lambda old, i: f"{old} number {i}") -> Path:
+    """A copy of ``dataset`` as a second, train-only job of the same teacher: new prompts (``prompt``)."""
+    folder.mkdir()
+    (folder / "images").symlink_to(dataset.parent / "images")
+    with np.load(dataset) as z:
+        arrays = dict(z)
+    arrays["prompt"] = np.array([prompt(str(p), i) for i, p in enumerate(arrays["prompt"])])
+    arrays["split"] = np.full(len(arrays["split"]), "train")
+    np.savez(folder / "distill.npz", **arrays)
+    (folder / "distill.yaml").write_text(dataset.with_suffix(".yaml").read_text())
+    return folder / "distill.npz"
+
+
+def test_training_on_two_datasets_of_one_teacher(dataset, micro_sandbox, tmp_path):
+    first = load_dataset(dataset)
+    more = _second_dataset(dataset, tmp_path / "more")
+    both = load_datasets([dataset, more])
+    assert len(both.queries("train")) == len(first.queries("train")) + len(first.query_id)
+    assert np.array_equal(both.queries("test"), first.queries("test"))  # the first job's test queries stay
+    q = len(first.query_id) + 3  # a query of the second part: its candidates are its own
+    assert np.array_equal(both.key[both.candidates(q)], first.key[first.candidates(3)])
+    assert both.fingerprint not in (first.fingerprint, load_dataset(more).fingerprint)
+    path = write_config(tmp_path / "train", dataset, micro_sandbox, epochs=1)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "dataset": [str(dataset), str(more)]}))
+    report = json.loads((train(load_config(path), path).parent / "train.json").read_text())
+    assert report["train_queries"] + report["val_queries"] == len(both.queries("train"))
+    assert report["settings"]["dataset"] == both.fingerprint
+    # a train prompt that is a test prompt of the other dataset
+    leak = _second_dataset(dataset, tmp_path / "leak", prompt=lambda old, i: old)
+    with pytest.raises(FastattrError, match="is a test prompt of the datasets trained on together"):
+        load_datasets([dataset, leak])
+    # rankings of another teacher
+    meta = yaml.safe_load(more.with_suffix(".yaml").read_text())
+    meta["job"]["teacher"]["timesteps"] = 9
+    more.with_suffix(".yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(FastattrError, match="another teacher settings"):
+        load_datasets([dataset, more])
 
 
 def test_index_build_reuses_the_distillation_feature_store(trained, dataset, micro_sandbox, tmp_path):
