@@ -92,6 +92,7 @@ def register(commands) -> None:
     p.set_defaults(func=_attribute)
 
     p = commands.add_parser("inspect", help="show the credit metadata carried by images")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("images", nargs="+", help="images (PNG, JPEG, WebP); a sidecar beside an image is read too, and one "
+                   "bad file is reported while the others still are inspected")
+    p.add_argument("--json", action="store_true", help="a JSON list, one report per image, instead of text")
     p.set_defaults(func=_inspect)

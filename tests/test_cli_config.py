@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,24 @@ def test_help_lists_subcommands_and_version():
     for command in ("sandbox", "index", "attribute", "inspect"):
         assert command in result.stdout
     assert run_cli("--version").stdout.strip() == f"fastattr {__version__}"
+
+
+def test_every_command_and_option_has_help():
+    """Issue 14: `--help` of every command explains every option (walks the whole parser tree)."""
+    from fastattr_cli import build_parser
+
+    def missing(parser, path):
+        out = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                for name, sub in action.choices.items():
+                    out += [f"{path} {name}"] * (not helps.get(name)) + missing(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                out.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return out
+
+    assert missing(build_parser(), "fastattr") == []
 
 
 def test_runtime_import_stays_light():
