@@ -276,13 +276,13 @@ def _manifest_files(path: str | Path) -> tuple[str, list[Path]]:
                 f"{path}: folder has no *.tar shards; point at a .jsonl/.csv/.parquet manifest "
                 f"or a folder of webdataset .tar shards"
             )
-        return "tar", shards
+        return "tar", _regular_files(shards)
     if not path.exists():
         if any(ch in str(path) for ch in "*?["):
             shards = sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
             if not shards:
                 raise FastattrError(f"{path}: no .tar shards match this pattern; check the glob")
-            return "tar", shards
+            return "tar", _regular_files(shards)
         raise FastattrError(f"{path}: manifest not found; check the path")
     kind = _FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -290,7 +290,15 @@ def _manifest_files(path: str | Path) -> tuple[str, list[Path]]:
             f"{path}: unknown manifest type '{path.suffix}'; use .jsonl/.json (JSON lines), "
             f".csv, .parquet, a .tar shard or a folder of .tar shards"
         )
-    return kind, [path]
+    return kind, _regular_files([path])
+
+
+def _regular_files(files: list[Path]) -> list[Path]:
+    """Refuse a FIFO (reading it would block the build) or a device such as /dev/zero (never ends)."""
+    for file in files:
+        if not file.is_file():
+            raise FastattrError(f"{file}: not a regular file; point at a manifest file or a folder of .tar shards")
+    return files
 
 
 def _check_jsonl(path: Path) -> None:
@@ -299,6 +307,8 @@ def _check_jsonl(path: Path) -> None:
             first = next((line for line in f if line.strip()), b"")
     except OSError as exc:
         raise FastattrError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):  # its lines would split inside characters
+        raise FastattrError(f"{path}: this is UTF-16 or UTF-32 text, not UTF-8; re-save it as UTF-8")
     head = first.strip().removeprefix(b"\xef\xbb\xbf").lstrip()
     if head == b"[" or head.startswith(b"[{"):  # json.dump of a list, indented or on one line
         raise FastattrError(

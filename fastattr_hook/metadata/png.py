@@ -33,8 +33,9 @@ def _png_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
     raise FastattrError(f"{path}: PNG is truncated or corrupt (no IEND chunk)")
 
 
-def _png_text(data: bytes, path: Path) -> dict[str, str]:
-    """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine)."""
+def _png_text(data: bytes, path: Path, damaged: dict[str, str] | None = None) -> dict[str, str]:
+    """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine).
+    A chunk whose text cannot be decoded is skipped; ``damaged`` gets its keyword and why."""
     text, total = {}, 0
     for ctype, raw in _png_chunks(data, path):
         if ctype not in _PNG_TEXT_CHUNKS:
@@ -51,8 +52,10 @@ def _png_text(data: bytes, path: Path) -> dict[str, str]:
                 _, _, rest = body[2:].partition(b"\x00")
                 _, _, rest = rest.partition(b"\x00")
                 value = (_inflate(rest) if body[0] else rest).decode("utf-8")
-        except (zlib.error, UnicodeDecodeError, IndexError):
-            continue  # a damaged foreign chunk; ours would then show up as missing
+        except (zlib.error, UnicodeDecodeError, IndexError) as exc:
+            if damaged is not None:
+                damaged[key.decode("latin-1")] = f"damaged {ctype.decode()} chunk ({exc})"
+            continue
         text[key.decode("latin-1")] = value
         total += len(value)
     return text

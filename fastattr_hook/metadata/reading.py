@@ -82,10 +82,11 @@ def format_inspection(report: dict) -> str:
 
 def _scan(path: Path) -> tuple[str, dict[str, dict], dict[str, str]]:
     """Format, carrier records (``{"value", "error", ...}``) and other text metadata of ``path``."""
+    damaged: dict[str, str] = {}  # PNG text chunks that cannot be decoded: keyword -> why
     with _open_image(path) as image:
         fmt = _supported_format(image, path)
         if fmt == "PNG":
-            others = _png_text(path.read_bytes(), path)
+            others = _png_text(path.read_bytes(), path, damaged)
             json_text, xmp = others.get(PNG_KEY), others.get(XMP_KEY)
         else:
             exif = _load_exif(image.info.get("exif"), path)
@@ -96,6 +97,9 @@ def _scan(path: Path) -> tuple[str, dict[str, dict], dict[str, str]]:
     records: dict[str, dict] = {}
     if json_text is not None:
         records["png" if fmt == "PNG" else "exif"] = _parse_record(lambda: Attribution.from_json(json_text))
+    for key, name in ((PNG_KEY, "png"), (XMP_KEY, "xmp")):
+        if key in damaged and key not in others:  # ours, unreadable: reported, not taken for absent
+            records[name] = {"value": None, "error": damaged[key]}
     if xmp:
         record = _parse_record(lambda: _parse_xmp(xmp))
         if record["value"] is not None or record["error"]:

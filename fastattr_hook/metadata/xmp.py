@@ -81,7 +81,8 @@ def _existing_xmp(data: bytes, fmt: str, path: Path) -> bytes | None:
 def _safe_xml(packet: str | bytes) -> ET.Element:
     """Parse XMP, refusing DTDs and entities (XMP needs neither; they are how XML bombs expand)."""
     raw = packet.encode() if isinstance(packet, str) else packet
-    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
+    markup = raw.replace(b"\x00", b"")  # UTF-16 and UTF-32 spell "<!DOCTYPE" with NULs in between
+    if b"<!DOCTYPE" in markup or b"<!ENTITY" in markup:
         raise ET.ParseError("XMP with a DTD or entities is refused")
     return ET.fromstring(raw)
 
