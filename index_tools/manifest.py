@@ -341,6 +341,8 @@ def _csv_header(path: Path) -> list[str]:
     try:
         with open(path, "rb") as f:  # only the first line: a bad byte further down is that row's problem
             first = f.readline(MAX_TEXT_CHARS)
+        if b"\r" in first.rstrip(b"\r\n"):  # CR alone ends no line for Python: the file would be one row
+            raise FastattrError(f"{path}: lines end with CR alone (classic Mac); save it with LF or CRLF line ends")
         header = next(csv.reader([first.decode("utf-8-sig")]), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FastattrError(f"{path}: cannot read the CSV header ({exc}); save it as UTF-8 CSV") from None

@@ -381,7 +381,7 @@ FILES = [
     ("garbage.csv", GARBAGE, ("error", "cannot read the CSV header")),
     ("utf-16.csv", GOOD_CSV.decode().encode("utf-16"), ("error", "cannot read the CSV header")),
     ("latin-1-row.csv", GOOD_CSV + b"cafe,good.png,caf\xe9\n", ["ok", "ok", "ok", "bad_row"]),
-    ("cr-line-ends.csv", GOOD_CSV.replace(b"\n", b"\r"), ("error", "new-line character seen in unquoted field")),
+    ("cr-line-ends.csv", GOOD_CSV.replace(b"\n", b"\r"), ("error", "lines end with CR alone")),
     ("cut-mid-row.csv", GOOD_CSV[:-20], ["ok", "ok", "bad_row"]),
     ("cut-in-a-quote.csv", GOOD_CSV + b'open,good.png,"a caption cut sh', ["ok", "ok", "ok", "ok"]),
     ("nul-in-header.csv", b"id,image,caption\x00\na,good.png,x\n", ("error", "lacks required column(s) caption")),
