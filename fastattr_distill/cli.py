@@ -63,7 +63,8 @@ def _distill_counterfactual(args) -> int:
             print(f"{job.out}: trained {len(cf.train_runs(job, args.config))} runs in this process")
         else:
             out = args.out or str(Path(job.out) / "counterfactual")
-            cf.report(job, cf.measure(job, args.config), out, _command_line())
+            planned = len(cf.load_plan(job, args.config)["runs"])
+            cf.report(job, cf.measure(job, args.config, partial=args.partial), out, _command_line(), planned)
             print(Path(out).with_suffix(".md").read_text(encoding="utf-8"))
     return 0
 
@@ -92,4 +93,6 @@ def register(commands) -> None:
                    "accelerate launch for many processes); measure and write the report")
     p.add_argument("--config", required=True, help="counterfactual job YAML")
     p.add_argument("--out", help="report: path without suffix (default: OUT/counterfactual) for .json/.md/.png")
+    p.add_argument("--partial", action="store_true", help="report: read out the runs done so far (the reference "
+                   "among them) while the others still train; the report says how many")
     p.set_defaults(func=_distill_counterfactual)

@@ -316,10 +316,11 @@ def _measure_run(job: CounterfactualJob, data: DistillDataset, pipe, adapter, me
     return result
 
 
-def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict[str, dict]:
+def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml", partial: bool = False) -> dict[str, dict]:
     """{run: {"query", "loss", "image" (regenerated, [H, W, 3] in 0..1)}} of every run, from the
     result files (a run trained before results were written is measured from its model now); dL,
-    MSE and similarity need the reference and are computed in ``report``."""
+    MSE and similarity need the reference and are computed in ``report``. ``partial``: the runs done
+    so far (the reference among them), for a readout while the rest still trains."""
     from safetensors.torch import load_file
 
     from fastattr_hook.pipeline import load_pipeline
@@ -327,11 +328,11 @@ def measure(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict
 
     meta = load_plan(job, config_path)
     missing = [run for run in meta["runs"] if not done(job, meta, run)]
-    if missing:
+    if missing and (not partial or "reference" in missing):
         raise FastattrError(f"{job.out}: {len(missing)} runs are not trained yet (e.g. {missing[0]}); run "
                             f"`fastattr distill counterfactual train --config {config_path}`")
     results, pipe = {}, None
-    for run in tqdm(meta["runs"], desc="read results", unit="run"):
+    for run in tqdm([run for run in meta["runs"] if run not in missing], desc="read results", unit="run"):
         path = result_path(job, meta, run)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
@@ -367,9 +368,11 @@ def _paired(a: dict[str, list], b: dict[str, list]) -> tuple[np.ndarray, np.ndar
             np.array([b["dL"][b["query"].index(q)] for q in common]))
 
 
-def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, command: str) -> dict:
+def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, command: str,
+           planned: int | None = None) -> dict:
     """Per K and method: dL, regeneration MSE and image similarity (mean and 95% interval over the
-    queries), paired differences of the tuned encoder against untuned and random; JSON, md, PNG."""
+    queries), paired differences of the tuned encoder against untuned and random, and each query's
+    dL; JSON, md, PNG. ``planned``: the plan's run count, when ``results`` holds only some of them."""
     from PIL import Image
 
     from fastattr_hook.encoder import Encoder
@@ -400,7 +403,7 @@ def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, co
         cell["similarity"].append(float(image_features(r["image"])[0] @ ref_features[i]))
         cell["query"].append(int(r["query"][0]))
     table = {"queries": len(ref["query"]), "steps": job.steps, "reference_loss": [float(x) for x in ref["loss"]],
-             "k": {}}
+             "runs": len(results), "planned_runs": planned or len(results), "k": {}, "per_query_dL": {}}
     for k, methods in sorted(rows.items()):
         entry = {m: {name: interval(v[name]) for name in ("dL", "mse", "similarity")} for m, v in methods.items()}
         for other in ("untuned", "random"):
@@ -411,6 +414,7 @@ def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, co
             a, b = _paired(methods["tuned"], methods["teacher"])
             entry["tuned / teacher dL"] = float(a.mean() / b.mean())
         table["k"][str(k)] = entry
+        table["per_query_dL"][str(k)] = {m: dict(zip(v["query"], v["dL"])) for m, v in methods.items()}
     _write(table, Path(out), command)
     return table
 
@@ -423,6 +427,9 @@ def _write(table: dict, out: Path, command: str) -> None:
              "everything (identical noise and timesteps; higher = the removed items mattered more). MSE and image "
              "similarity compare the images both models regenerate from the query's prompt and seed (more change "
              "= better attribution). Mean [95% t interval] over the queries.", ""]
+    if table["runs"] < table["planned_runs"]:
+        lines += [f"**Partial readout: {table['runs']} of {table['planned_runs']} planned runs.** Each method's figures "
+                  "cover the queries it has a run for; paired differences only the queries both methods have.", ""]
     for k, entry in table["k"].items():
         lines += [f"## K = {k}", "", "| method | dL | regeneration MSE | image similarity |", "|---|---|---|---|"]
         for method, v in entry.items():
@@ -436,6 +443,13 @@ def _write(table: dict, out: Path, command: str) -> None:
                              f"{' (excludes 0)' if abs(mean) > half else ''}")
         if "tuned / teacher dL" in entry:
             lines.append(f"\ntuned dL / teacher dL = {entry['tuned / teacher dL']:.3f}")
+        per_query = table["per_query_dL"][k]
+        methods = [m for m in METHODS if m in per_query]
+        lines += ["", "dL per query (test query number):", "", "| query | " + " | ".join(methods) + " |",
+                  "|---" * (len(methods) + 1) + "|"]
+        for q in sorted({q for m in methods for q in per_query[m]}):
+            lines.append(f"| {q} | " + " | ".join(f"{per_query[m][q]:+.5f}" if q in per_query[m] else ""
+                                                  for m in methods) + " |")
         lines.append("")
     atomic_write_text(out.with_suffix(".json"), json.dumps({**table, "command": command}, indent=1))
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines))

@@ -414,6 +414,16 @@ def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, 
         model.unlink()
     again_table = cf.report(job, cf.measure(job, job_yaml), tmp_path / "cf2", "again")
     assert json.dumps(again_table, sort_keys=True) == json.dumps(table, sort_keys=True)  # NaN intervals: 1 query
+    assert set(table["per_query_dL"]["8"]) == set(cf.METHODS) and table["runs"] == table["planned_runs"] == 5
+    random_result = cf.result_path(job, meta, "test-00000-random-k8")  # a readout while a run still trains
+    saved = random_result.read_bytes()
+    random_result.unlink()
+    with pytest.raises(FastattrError, match="1 runs are not trained yet"):
+        cf.measure(job, job_yaml)
+    partial = cf.report(job, cf.measure(job, job_yaml, partial=True), tmp_path / "partial", "partial", planned=5)
+    assert partial["runs"] == 4 and "random" not in partial["k"]["8"] and "tuned - random" not in partial["k"]["8"]
+    assert "Partial readout: 4 of 5 planned runs" in (tmp_path / "partial.md").read_text()
+    random_result.write_bytes(saved)
     plan_path = tmp_path / "run" / "plan.json"  # a new head changes the tuned removals: only that run is redone
     changed = json.loads(plan_path.read_text())
     changed["runs"]["test-00000-tuned-k8"] = changed["runs"]["test-00000-random-k8"][::-1][:7] + [0]
