@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +199,147 @@ def test_killed_run_resumes_to_the_same_results(reference, micro_sandbox, tmp_pa
                                      - {name.removesuffix(".npz") for name in before})
     assert all((queries / name).stat().st_mtime_ns == mtime for name, mtime in before.items())
     assert_same_results(reference, tmp_path / "run")
+
+
+QUERIES = ("test-00000", "train-00000", "train-00001", "train-00002")  # the order `score` takes them in
+KEPT = ("plan.npz", "images", "fisher.safetensors", "cache")  # what `score` reads and must leave as it is
+
+
+def _files(run: Path) -> dict[str, str]:
+    """The sha256 of every file of a run outside ``queries/``, less the hidden temp files of atomic
+    writes a kill may leave (score rewrites the encoding cache's items.json, the same bytes)."""
+    return {str(p.relative_to(run)): sha256_file(p) for p in sorted(run.rglob("*")) if p.is_file()
+            and p.relative_to(run).parts[0] != "queries" and not re.fullmatch(r"\..+\.tmp", p.name)}
+
+
+def _check_killed_run(reference: Path, run: Path, finished: dict[str, int], kept: dict) -> tuple[list[str], list[str]]:
+    """What a SIGKILL of `teacher score` may leave: whole results, in the order they are scored, each
+    equal to the reference's and never rewritten (``finished``: name -> mtime, updated here), the
+    inputs untouched, and at most the hidden temp file of the write it cut, which nothing reads as a
+    result. Returns (results, temp files)."""
+    queries = run / "queries"
+    names = sorted(p.name for p in queries.iterdir()) if queries.is_dir() else []
+    done = [n for n in names if not n.startswith(".")]
+    temps = [n for n in names if n.startswith(".")]
+    assert all(re.fullmatch(r"\.(test|train)-\d{5}\.npz\.[\w-]+\.tmp", n) for n in temps), temps
+    assert done == [f"{q}.npz" for q in QUERIES[:len(done)]], done  # nothing skipped, nothing extra
+    expected = results(reference)
+    for name in done:
+        with np.load(queries / name, allow_pickle=False) as z:  # loads whole: no partial file
+            assert str(z["query_id"]) == name.removesuffix(".npz") and float(z["seconds"]) > 0
+            for key in ("keys", "ids", "tau", "rank"):
+                assert np.array_equal(z[key], expected[name.removesuffix(".npz")][key]), (name, key)
+        mtime = (queries / name).stat().st_mtime_ns
+        assert finished.setdefault(name, mtime) == mtime, f"{name} was rewritten"
+    assert _files(run) == kept
+    return done, temps
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process not yet waited for (Linux): the clock of the kill moments,
+    which a busy machine does not stretch as it does the wall clock."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
+@pytest.mark.skipif(not (hasattr(signal, "SIGKILL") and Path("/proc/self/stat").is_file()), reason="needs Linux")
+def test_twenty_kills_of_teacher_score(reference, micro_sandbox, tmp_path):
+    """20 SIGKILLs of `fastattr teacher score` at seeded random moments, each run resuming the folder
+    the last one was killed in: 16 at a random share of the CPU time the rest of the run takes (the
+    model loading, a query's scoring, a result's write, the exit after the last one: wherever it
+    falls), 4 the moment a result's temp file appears (its write under way). A folder with every
+    result is checked whole and a fresh copy of the reference inputs takes its place."""
+    def fresh(n: int) -> tuple[Path, Path, dict, dict]:
+        config = copy_run(reference, tmp_path / f"run{n}", micro_sandbox, KEPT)
+        return config, tmp_path / f"run{n}" / "run", {}, _files(tmp_path / f"run{n}" / "run")
+
+    def start(config: Path, log: Path) -> subprocess.Popen:
+        with log.open("wb") as err:
+            return subprocess.Popen([sys.executable, "-m", "fastattr_cli", "teacher", "score", "--config",
+                                     str(config)], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+
+    def scored(run: Path) -> int:
+        return len(list((run / "queries").glob("*.npz")))
+
+    def loaded(log: Path) -> bool:  # the model is loaded once the queries' progress bar shows
+        return "teacher queries" in log.read_text(errors="replace")
+
+    # One whole run, timed in CPU seconds: when the model is loaded and each result is written.
+    config, run, finished, kept = fresh(0)
+    process, marks = start(config, tmp_path / "timed.log"), {}
+    while process.poll() is None:
+        marks["end"] = cpu = _cpu_seconds(process.pid)
+        if "loaded" not in marks and loaded(tmp_path / "timed.log"):
+            marks["loaded"] = cpu
+        marks.setdefault(scored(run), cpu)
+        if scored(run) == len(QUERIES) and "tail" not in marks:
+            marks["tail"] = time.monotonic()
+        time.sleep(0.01)
+    assert process.returncode == 0 and len(marks) == len(QUERIES) + 4, marks
+    tail = time.monotonic() - marks["tail"]  # the exit, in wall seconds
+    assert _check_killed_run(reference, run, finished, kept) == ([f"{q}.npz" for q in QUERIES], [])
+
+    rng = np.random.default_rng(15)
+    # -1: a write; the last kill cuts one, so the final run below has a temp file to ignore and work left
+    aims = [*rng.permutation([-1.0] * 3 + list((np.arange(16) + rng.random(16)) / 16)).tolist(), -1.0]
+    exits = rng.uniform(0.05, 0.8, size=20).tolist()  # where in the exit, should the run get that far
+    config, run, finished, kept = fresh(1)
+    landed, at_kill, at_cpu, folders, ended = {"loading": 0, "scoring": 0, "writing": 0, "exiting": 0}, [], [], 1, 0
+    for _ in range(40):  # a run may end before its kill (then no kill); never this often
+        if not aims:
+            break
+        queries, log = run / "queries", tmp_path / f"kill{len(at_kill)}.log"
+        temps_before, done_before = set(queries.glob(".*.tmp")), scored(run)
+        # What is left: the whole run less the queries done after the first (which also warms up).
+        left = marks["end"] - (marks[done_before] - marks[1] if done_before else 0.0)
+        process, aim, cpu, exit_at = start(config, log), aims[0], 0.0, None
+        first_write = marks[1] if done_before == 0 else marks["loaded"]  # in CPU s, about
+        while process.poll() is None:
+            cpu = _cpu_seconds(process.pid)
+            if aim < 0 and (set(queries.glob(".*.tmp")) - temps_before or scored(run) > done_before):
+                break  # a write is under way (or just done: the poll came late)
+            if aim >= 0 and exit_at is None and scored(run) == len(QUERIES):
+                exit_at = time.monotonic() + exits[len(at_kill)] * tail  # all written: kill in the exit
+            if aim >= 0 and (cpu >= aim * left or (exit_at is not None and time.monotonic() >= exit_at)):
+                break
+            time.sleep(0.0005 if aim < 0 and cpu > 0.8 * first_write else 0.01)  # poll fast near a write
+        alive = process.poll() is None
+        process.send_signal(signal.SIGKILL)  # no cleanup code runs
+        process.wait()
+        done, _ = _check_killed_run(reference, run, finished, kept)
+        if not alive:  # it ended first: no kill, and a whole folder
+            assert process.returncode == 0 and len(done) == len(QUERIES), log.read_text()[-3000:]
+            ended += 1
+        else:
+            aims.pop(0)
+            at_kill.append(len(done))
+            at_cpu.append(round(cpu, 1))
+            if set(queries.glob(".*.tmp")) - temps_before:  # the write it cut left its temp file
+                landed["writing"] += 1
+            elif not loaded(log):
+                landed["loading"] += 1
+            else:
+                landed["exiting" if len(done) == len(QUERIES) else "scoring"] += 1
+        if len(done) == len(QUERIES) and aims:  # nothing left to kill in this folder
+            assert_same_results(reference, run)
+            folders += 1
+            config, run, finished, kept = fresh(folders)
+    assert not aims, (landed, at_kill)
+
+    # A last uninterrupted run scores exactly what is missing; temp files left by kills are ignored.
+    rest = [q for q in QUERIES if f"{q}.npz" not in finished]
+    assert sorted(score_queue(load_job(config))) == sorted(rest)
+    _check_killed_run(reference, run, finished, kept)
+    assert_same_results(reference, run)
+    merged, expected = np.load(merge(load_job(config))), np.load(reference / "distill.npz")
+    for key in ("query_id", "offsets", "key", "id", "tau", "rank"):
+        assert np.array_equal(merged[key], expected[key]), key
+    print(f"\n20 SIGKILLs of `teacher score` (a whole run: {marks['end']:.1f} CPU s, the model loaded at "
+          f"{marks['loaded']:.1f}, results at {[marks[n] for n in range(1, len(QUERIES) + 1)]}) in {folders} "
+          f"run folders: {landed}; CPU s at each kill {at_cpu}; results on disk after it {at_kill}; {ended} runs "
+          f"ended before their kill; the last run scored {rest}")
+    assert len(at_kill) == 20 and sum(landed.values()) == 20
 
 
 def test_bad_configs_are_named_errors(reference, micro_sandbox, tmp_path):
