@@ -118,12 +118,15 @@ def load_datasets(paths: str | Path | list[str | Path]) -> DistillDataset:
     first = sets[0]
     if len(sets) == 1:
         return first
+
+    def identity(d: DistillDataset) -> dict:
+        fingerprints = d.meta.get("fingerprints", {})
+        return {"model": fingerprints.get("model"), "manifest": fingerprints.get("manifest"),
+                "teacher settings": d.meta["job"].get("teacher")}
+
     for other in sets[1:]:
-        for what, a, b in (("model", first.meta.get("fingerprints", {}).get("model"), other.meta.get("fingerprints", {}).get("model")),
-                           ("manifest", first.meta.get("fingerprints", {}).get("manifest"),
-                            other.meta.get("fingerprints", {}).get("manifest")),
-                           ("teacher settings", first.meta["job"].get("teacher"), other.meta["job"].get("teacher"))):
-            if a != b:
+        for what, value in identity(other).items():
+            if value != identity(first)[what]:
                 raise FastattrError(f"{other.path}: another {what} than {first.path}; datasets trained on together "
                                     f"must be scored by the same teacher on the same model and manifest")
         if not np.array_equal(other.train_keys, first.train_keys):

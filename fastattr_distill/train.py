@@ -79,6 +79,7 @@ def load_config(path: str | Path) -> DistillConfig:
     path = Path(path)
     config = load_yaml(DistillConfig, path)
     base = path.parent.resolve()
+
     def resolve(value: str | list[str]) -> str | list[str]:
         return [resolve(v) for v in value] if isinstance(value, list) else str((base / value).resolve())
 
