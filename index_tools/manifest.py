@@ -33,7 +33,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Iterator, Mapping, TextIO
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,6 +62,9 @@ _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "par
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Read limits: one hostile row must never exhaust memory or hang a build (each is a rejected row).
 MAX_TEXT_CHARS = 100_000  # any text value; the same in every format (CSV's own field limit is 131,072)
+# One JSONL line (bytes) or CSV line (characters), read in pieces of this size: a multi-GB line is never
+# held whole. Room for several captions of MAX_TEXT_CHARS even \u-escaped (6 bytes a character).
+MAX_LINE = 8 * 2**20
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_IMAGE_PIXELS = 64 * 2**20  # decoded pixels; checked from the header, before decoding
 MAX_ASPECT = 32  # longest side / shortest side: the encoders resize the shortest side up to ~224
@@ -303,8 +306,8 @@ def _regular_files(files: list[Path]) -> list[Path]:
 
 def _check_jsonl(path: Path) -> None:
     try:
-        with open(path, "rb") as f:
-            first = next((line for line in f if line.strip()), b"")
+        with open(path, "rb") as f:  # the start of the first non-blank line is enough, read in small pieces
+            first = next((piece for piece in iter(lambda: f.readline(4096), b"") if piece.strip()), b"")
     except OSError as exc:
         raise FastattrError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
     if first.startswith((b"\xff\xfe", b"\xfe\xff")):  # its lines would split inside characters
@@ -318,10 +321,18 @@ def _check_jsonl(path: Path) -> None:
 
 def _iter_jsonl(path: Path) -> Iterator[ManifestRow | Rejection]:
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        number = 0
+        while line := f.readline(MAX_LINE + 1):
+            number += 1
+            source = f"{path.name}:{number}"
+            if len(line) > MAX_LINE:
+                size = len(line) + _skip_rest_of_line(f, line)
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: the line is {size:,} bytes (at most {MAX_LINE:,}); shorten its "
+                                f"values or remove the row")
+                continue
             if not line.strip():
                 continue
-            source = f"{path.name}:{number}"
             try:
                 fields = json.loads(line)
             except (ValueError, RecursionError) as exc:
@@ -343,10 +354,14 @@ def _csv_header(path: Path) -> list[str]:
             first = f.readline(MAX_TEXT_CHARS)
         if b"\r" in first.rstrip(b"\r\n"):  # CR alone ends no line for Python: the file would be one row
             raise FastattrError(f"{path}: lines end with CR alone (classic Mac); save it with LF or CRLF line ends")
-        header = next(csv.reader([first.decode("utf-8-sig")]), None)
+        lines = _Lines(io.StringIO(first.decode("utf-8-sig")))
+        header = next(csv.reader(lines), [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FastattrError(f"{path}: cannot read the CSV header ({exc}); save it as UTF-8 CSV") from None
-    header = [name.strip() for name in header or []]
+    if header and lines.ended:  # left open, the quote would make the whole file one header record
+        raise FastattrError(f"{path}: a quote in the header row is not closed; close it (the first line "
+                            f"must name the columns, e.g. id,image,caption)")
+    header = [name.strip() for name in header]
     missing = [name for name in REQUIRED_COLUMNS if name not in header]
     if missing:
         raise FastattrError(
@@ -357,17 +372,44 @@ def _csv_header(path: Path) -> list[str]:
     return header
 
 
+def _skip_rest_of_line(f: BinaryIO | TextIO, start: bytes | str) -> int:
+    """Read past the rest of an over-long line (``start`` is its first piece) in 64 KiB pieces, so
+    that it is never held whole; the number of bytes or characters skipped."""
+    skipped, piece = 0, start
+    while piece and not piece.endswith(("\n", "\r") if isinstance(piece, str) else b"\n"):
+        piece = f.readline(2**16)
+        skipped += len(piece)
+    return skipped
+
+
+class _LineTooLong(Exception):
+    """A CSV line over ``MAX_LINE`` characters, already skipped; raised through the CSV reader."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
 class _Lines:
-    """A file's lines with push-back, so that the CSV reader can parse lines again."""
+    """A file's lines with push-back, so that the CSV reader can parse lines again. ``ended``: the
+    reader asked for a line past the end of the file; if it still returns a record, a quote was left open."""
 
     def __init__(self, file: TextIO) -> None:
-        self.file, self.pushed, self.taken = file, deque(), []
+        self.file, self.pushed, self.taken, self.ended = file, deque(), [], False
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        line = self.pushed.popleft() if self.pushed else next(self.file)
+        if self.pushed:
+            line = self.pushed.popleft()
+        else:
+            line = self.file.readline(MAX_LINE + 1)
+            if not line:
+                self.ended = True
+                raise StopIteration
+            if len(line) > MAX_LINE:
+                raise _LineTooLong(len(line) + _skip_rest_of_line(self.file, line))
         self.taken.append(line)
         return line
 
@@ -386,7 +428,7 @@ def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection
         number = 2  # first line of the next record (records may span lines)
         while True:
             source = f"{path.name}:{number}"
-            lines.taken = []
+            lines.taken, lines.ended = [], False
             try:
                 values = next(reader)
             except StopIteration:
@@ -396,12 +438,21 @@ def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection
                                 f"{source}: not valid CSV ({exc}); fix the quoting or remove the row")
                 number += max(1, len(lines.taken))
                 continue
-            span = len(lines.taken)
-            if span > 1 and _swallowed_rows(values, len(header)):
-                lines.pushed.extendleft(reversed(lines.taken[1:]))  # read those lines again as their own rows
+            except _LineTooLong as exc:
+                long_line = number + len(lines.taken)  # the record may have begun on an earlier line
+                which = "the line" if long_line == number else f"line {long_line} of the row"
                 yield Rejection(number, source, None, "bad_row",
-                                f"{source}: a quote opened here is not closed (the field ran over {span - 1} more "
-                                f"lines); close the quote or remove the row")
+                                f"{source}: {which} is {exc.size:,} characters (at most {MAX_LINE:,}); "
+                                f"shorten its values or remove the row")
+                number = long_line + 1
+                continue
+            span = len(lines.taken)
+            if lines.ended or (span > 1 and _swallowed_rows(values, len(header))):
+                lines.pushed.extendleft(reversed(lines.taken[1:]))  # read those lines again as their own rows
+                ran = "to the end of the file" if lines.ended else f"over {span - 1} more lines"
+                yield Rejection(number, source, None, "bad_row",
+                                f"{source}: a quote opened here is not closed (the field ran {ran}); "
+                                f"close the quote or remove the row")
                 number += 1
                 continue
             number += span

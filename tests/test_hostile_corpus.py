@@ -27,7 +27,7 @@ from PIL import Image
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.metadata import format_inspection, inspect_image, printable, read_attribution, sidecar_path
 from fastattr_hook.metadata.xmp import _xmp_packet
-from index_tools.manifest import MAX_TEXT_CHARS, ManifestValidator, Rejection, RowRejected, iter_manifest
+from index_tools.manifest import MAX_LINE, MAX_TEXT_CHARS, ManifestValidator, Rejection, RowRejected, iter_manifest
 from test_hostile_rows import png
 from test_metadata import a1111_exif, make_attribution, rgb, tiff
 
@@ -357,6 +357,16 @@ CLAIMS_4_GIB = SHARD[:2048] + tar_header("b.png", 4 << 30) + png()  # sample a, 
 GARBAGE = b"\xff" + np.random.default_rng(SEED).integers(0, 256, 2047, dtype=np.uint8).tobytes()
 
 
+def long_line_between(head: bytes, tail: bytes):
+    """``head``, a line of 2 x MAX_LINE NUL bytes (a hole in a sparse file), then ``tail``."""
+    def make(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(head)
+            f.seek(2 * MAX_LINE, os.SEEK_CUR)
+            f.write(b"\n" + tail)
+    return make
+
+
 def garbage_lines(data: bytes) -> list[str]:
     return ["bad_row"] * sum(1 for line in data.split(b"\n") if line.strip())
 
@@ -372,6 +382,7 @@ FILES = [
     ("utf-8-bom.jsonl", b"\xef\xbb\xbf" + GOOD_LINES, ["ok"] * 3),
     ("cr-line-ends.jsonl", GOOD_LINES.replace(b"\n", b"\r"), ["bad_row"]),
     ("cut-mid-row.jsonl", GOOD_LINES[:-20], ["ok", "ok", "bad_row"]),
+    ("line-over-8-mib.jsonl", long_line_between(GOOD_LINES, GOOD_LINES), ["ok"] * 3 + ["bad_row"] + ["ok"] * 3),
     ("empty.csv", b"", ("error", "lacks required column(s) id, image, caption")),
     ("header-only.csv", b"id,image,caption\n", []),
     ("header-without-newline.csv", b"id,image,caption", []),
@@ -383,7 +394,14 @@ FILES = [
     ("latin-1-row.csv", GOOD_CSV + b"cafe,good.png,caf\xe9\n", ["ok", "ok", "ok", "bad_row"]),
     ("cr-line-ends.csv", GOOD_CSV.replace(b"\n", b"\r"), ("error", "lines end with CR alone")),
     ("cut-mid-row.csv", GOOD_CSV[:-20], ["ok", "ok", "bad_row"]),
-    ("cut-in-a-quote.csv", GOOD_CSV + b'open,good.png,"a caption cut sh', ["ok", "ok", "ok", "ok"]),
+    ("cut-in-a-quote.csv", GOOD_CSV + b'open,good.png,"a caption cut sh', ["ok", "ok", "ok", "bad_row"]),
+    ("cut-in-a-quote-over-lines.csv", GOOD_CSV + b'open,good.png,"a caption\nnext,good.png,cut sh\n',
+     ["ok", "ok", "ok", "bad_row", "ok"]),  # the quote's row, then the line it took, read again as a row
+    ("quoted-lines-at-the-end.csv", GOOD_CSV + b'last,good.png,"two\nlines"', ["ok"] * 4),
+    ("unclosed-quote-in-header.csv", b'id,image,"caption\n' + GOOD_CSV.split(b"\n", 1)[1],
+     ("error", "a quote in the header row is not closed")),
+    ("line-over-8-mib.csv", long_line_between(GOOD_CSV, GOOD_CSV.split(b"\n", 1)[1]),
+     ["ok"] * 3 + ["bad_row"] + ["ok"] * 3),
     ("nul-in-header.csv", b"id,image,caption\x00\na,good.png,x\n", ("error", "lacks required column(s) caption")),
     ("missing.jsonl", None, ("error", "manifest not found")),
     ("manifest.txt", GOOD_LINES, ("error", "unknown manifest type '.txt'")),

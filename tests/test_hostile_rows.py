@@ -8,13 +8,15 @@ import io
 import json
 import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from index_tools.manifest import MAX_TEXT_CHARS, ManifestRow, Rejection, RowRejected, iter_manifest
+from fastattr_hook.errors import FastattrError
+from index_tools.manifest import MAX_LINE, MAX_TEXT_CHARS, ManifestRow, Rejection, RowRejected, iter_manifest
 
 
 def png(size=(8, 8), mode="RGB", color=(200, 30, 30)) -> bytes:
@@ -178,6 +180,79 @@ def test_an_unclosed_csv_quote_rejects_its_row_and_keeps_the_rows_it_swallowed(i
         ("ManifestRow", "before"), ("Rejection", 3), ("ManifestRow", "next"), ("ManifestRow", "last")]
     assert "quote opened here is not closed" in found[1].message
     assert [r.row for r in found if isinstance(r, ManifestRow)] == [2, 4, 5]  # line numbers stay right
+
+
+@pytest.mark.parametrize("tail, ids", [
+    ('open,good.png,"cut off here', ["before", 3]),  # the last line, no line end
+    ('open,good.png,"cut off\nhere\n', ["before", 3, 4]),  # over two lines to the end of the file
+    ('open,good.png,"cut off\nlast,good.png,a blue ring\n', ["before", 3, "last"]),  # a real row inside
+])
+def test_a_csv_quote_still_open_at_the_end_of_the_file_rejects_its_row(tail, ids, images, tmp_path):
+    """Not a row holding the rest of the file as its caption: the quote's row is rejected, naming the
+    line it opened on, and every later line is read again as its own row."""
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / "m.csv"
+    path.write_text("id,image,caption\nbefore,good.png,a red circle\n" + tail)
+    found = _outcome(path)
+    assert [r.id if isinstance(r, ManifestRow) else r.row for r in found] == ids
+    assert found[1].message == ("m.csv:3: a quote opened here is not closed (the field ran to the end of the "
+                                "file); close the quote or remove the row")
+
+
+def test_a_closed_multi_line_csv_caption_at_the_end_of_the_file_is_kept(images, tmp_path):
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / "m.csv"
+    path.write_text('id,image,caption\nbefore,good.png,a red circle\nlast,good.png,"two\r\nlines, one ""quote"""')
+    _, last = _outcome(path)
+    assert (last.id, last.row, last.caption) == ("last", 3, 'two\r\nlines, one "quote"')
+
+
+def test_an_unclosed_quote_in_the_csv_header_is_refused_not_a_file_of_no_rows(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('id,image,"caption\na,good.png,a red circle\n')
+    with pytest.raises(FastattrError, match="a quote in the header row is not closed; close it"):
+        iter_manifest(path)
+
+
+def _with_long_line(path: Path, head: bytes, tail: bytes) -> None:
+    """``head``, a line of 8 x MAX_LINE NUL bytes (a hole in a sparse file, so no disk), ``tail``."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.seek(8 * MAX_LINE, os.SEEK_CUR)
+        f.write(b"\n" + tail)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_an_over_long_line_is_one_rejected_row_read_in_bounded_memory(fmt, images, tmp_path):
+    (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "jsonl":
+        before, after = (json.dumps(_row(case)).encode() + b"\n" for case in ("before", "after"))
+        _with_long_line(path, before, after)
+    else:
+        _with_long_line(path, b"id,image,caption\nbefore,good.png,a red circle\n", b"after,good.png,a blue ring\n")
+    tracemalloc.start()
+    try:
+        found = list(iter_manifest(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MAX_LINE  # the 64 MiB line is never held whole
+    first, rejected, last = found
+    assert (first.id, last.id) == ("before", "after") and isinstance(rejected, Rejection)
+    line, unit = (2, "bytes") if fmt == "jsonl" else (3, "characters")
+    assert (rejected.row, rejected.reason) == (line, "bad_row") and last.row == line + 1
+    assert rejected.message == (f"m.{fmt}:{line}: the line is {8 * MAX_LINE + 1:,} {unit} (at most {MAX_LINE:,}); "
+                                f"shorten its values or remove the row")
+
+
+def test_an_over_long_line_inside_a_quoted_csv_caption_rejects_the_row(tmp_path):
+    path = tmp_path / "m.csv"
+    _with_long_line(path, b'id,image,caption\nopen,good.png,"a caption over\n', b'lines"\nafter,good.png,x\n')
+    rejected, fragment, last = iter_manifest(path)
+    assert rejected.row == 2 and rejected.message.startswith(f"m.csv:2: line 3 of the row is {8 * MAX_LINE + 1:,} ")
+    assert fragment.row == 4 and "1 fields but the header has 3" in fragment.message  # the rest: `lines"`
+    assert (last.id, last.row) == ("after", 5)
 
 
 def test_16_bit_greyscale_and_exif_orientation_decode_as_a_viewer_shows_them(tmp_path):

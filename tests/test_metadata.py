@@ -70,11 +70,11 @@ def user_comment(path: Path) -> bytes:
         return image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
 
 
-def exif_ifd_types(path: Path) -> dict[int, int]:
-    """Tag -> TIFF type as stored in the Exif sub-IFD (Pillow's Exif API does not expose types)."""
+def exif_ifd_types(path: Path, which: int = ExifTags.IFD.Exif) -> dict[int, int]:
+    """Tag -> TIFF type as stored in a sub-IFD (Pillow's Exif API does not expose types)."""
     with Image.open(path) as image:
         block = image.info["exif"].removeprefix(b"Exif\x00\x00")
-        pointer = image.getexif()[ExifTags.IFD.Exif]
+        pointer = image.getexif()[which]
     ifd = TiffImagePlugin.ImageFileDirectory_v2(block[:8])
     stream = io.BytesIO(block)
     stream.seek(pointer)
@@ -135,6 +135,33 @@ def test_jpeg_webp_round_trip_keeps_exif(tmp_path, suffix):
     assert user_comment(out).startswith(b"ASCII\x00\x00\x00")  # the JSON here is pure ASCII
     types = exif_ifd_types(out)  # UNDEFINED, as the EXIF spec types them (not Pillow's default, BYTE)
     assert types[ExifTags.Base.UserComment] == types[ExifTags.Base.MakerNote] == TiffTags.UNDEFINED
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.webp"])
+def test_non_ascii_text_in_exif_sub_ifds_survives_writing_credits(tmp_path, name):
+    """Pillow reads EXIF ASCII entries as Latin-1 and writes them as ASCII, '?' for the rest: the
+    camera's own UTF-8 text in the Exif and GPS IFDs is kept byte for byte, still typed ASCII."""
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.CameraOwnerName] = "Zo__ Owner"
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.LensModel] = "Objektiv CAT"
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSMapDatum] = "Wo_rld"
+    block = exif.tobytes()
+    for placeholder, text in (("Zo__", "Zoë"), ("CAT", "猫"), ("Wo_", "Wö")):  # as many bytes in UTF-8
+        block = block.replace(placeholder.encode(), text.encode())
+    out = tmp_path / name
+    rgb().save(out, exif=block)
+    attribution = make_attribution(creator="Zoë")
+    write_attribution_in_place(out, attribution, sidecar=False)
+    assert read_attribution(out)["exif"].to_dict() == attribution.to_dict()
+    with Image.open(out) as image:
+        kept = image.getexif()
+    exif_ifd, gps_ifd = kept.get_ifd(ExifTags.IFD.Exif), kept.get_ifd(ExifTags.IFD.GPSInfo)
+    assert exif_ifd[ExifTags.Base.CameraOwnerName].encode("latin-1").decode() == "Zoë Owner"
+    assert exif_ifd[ExifTags.Base.LensModel].encode("latin-1").decode() == "Objektiv 猫"
+    assert gps_ifd[ExifTags.GPS.GPSMapDatum].encode("latin-1").decode() == "Wörld"
+    types = exif_ifd_types(out)
+    assert types[ExifTags.Base.CameraOwnerName] == types[ExifTags.Base.LensModel] == TiffTags.ASCII
+    assert exif_ifd_types(out, ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSMapDatum] == TiffTags.ASCII
 
 
 def test_special_characters_survive_every_carrier(tmp_path):

@@ -28,9 +28,19 @@ _ASCII_CODE, _JIS_CODE, _UNICODE_CODE = b"ASCII\x00\x00\x00", b"JIS\x00\x00\x00\
 _UNDEFINED_EXIF_TAGS = (ExifTags.Base.OECF, ExifTags.Base.ComponentsConfiguration, ExifTags.Base.MakerNote,
                         ExifTags.Base.UserComment, ExifTags.Base.SpatialFrequencyResponse,
                         ExifTags.Base.FileSource, ExifTags.Base.SceneType, ExifTags.Base.DeviceSettingDescription)
+# Likewise the ASCII ones: their non-ASCII text is given back to Pillow as bytes (see _keep_text_bytes),
+# which it would otherwise type as BYTE.
+_ASCII_EXIF_TAGS = (ExifTags.Base.SpectralSensitivity, ExifTags.Base.DateTimeOriginal, ExifTags.Base.DateTimeDigitized,
+                    ExifTags.Base.OffsetTime, ExifTags.Base.OffsetTimeOriginal, ExifTags.Base.OffsetTimeDigitized,
+                    ExifTags.Base.SubsecTime, ExifTags.Base.SubsecTimeOriginal, ExifTags.Base.SubsecTimeDigitized,
+                    ExifTags.Base.RelatedSoundFile, ExifTags.Base.ImageUniqueID, ExifTags.Base.CameraOwnerName,
+                    ExifTags.Base.BodySerialNumber, ExifTags.Base.LensMake, ExifTags.Base.LensModel,
+                    ExifTags.Base.LensSerialNumber)
 _EXIF_IFD_TAG_INFO = TiffTags.TAGS_V2_GROUPS[ExifTags.IFD.Exif]
 _EXIF_IFD_TAG_INFO.update({int(tag): TiffTags.TagInfo(int(tag), tag.name, TiffTags.UNDEFINED, 1)
                            for tag in _UNDEFINED_EXIF_TAGS if tag not in _EXIF_IFD_TAG_INFO})
+_EXIF_IFD_TAG_INFO.update({int(tag): TiffTags.TagInfo(int(tag), tag.name, TiffTags.ASCII, 1)
+                           for tag in _ASCII_EXIF_TAGS if tag not in _EXIF_IFD_TAG_INFO})
 
 
 def _load_exif(raw: bytes | None, path: Path) -> Image.Exif:
@@ -123,11 +133,7 @@ def _exif_bytes(existing: bytes | None, attribution: Attribution, text: dict[str
     EXIF carrier is skipped: the other carriers still hold the credits.
     """
     exif = _load_exif(existing, path)
-    # Pillow reads IFD0 text as Latin-1 and would write it as ASCII, '?' for the rest: give it back the
-    # bytes the file held (our UTF-8 text among them)
-    for tag, value in list(exif.items()):
-        if isinstance(value, str) and not value.isascii():
-            exif[tag] = value.encode("latin-1")
+    _keep_text_bytes(exif, path)
     free_tags = iter(_EXIF_TEXT_TAGS)
     for key, value in text.items():
         tag = _EXIF_PROMPT_TAG if key == "prompt" else next(free_tags, None)
@@ -154,6 +160,24 @@ def _exif_bytes(existing: bytes | None, attribution: Attribution, text: dict[str
         if limit is None or len(dumped) <= limit:
             return dumped
         budget -= len(dumped) - limit
+
+
+def _keep_text_bytes(exif: Image.Exif, path: Path) -> None:
+    """Pillow reads ASCII entries as Latin-1 and would write them as ASCII, '?' for the rest: give every
+    IFD (IFD0, Exif, GPS, Interop) back the bytes the file held, UTF-8 text such as ours among them."""
+    # GPS and Interop only where the block has them: get_ifd adds a missing IFD, which would be written empty
+    ifds = [exif, exif.get_ifd(ExifTags.IFD.Exif)]
+    try:
+        if ExifTags.IFD.GPSInfo in exif:
+            ifds.append(exif.get_ifd(ExifTags.IFD.GPSInfo))
+        if ExifTags.IFD.Interop in ifds[1]:
+            ifds.append(exif.get_ifd(ExifTags.IFD.Interop))
+    except (SyntaxError, ValueError, TypeError, struct.error) as exc:
+        raise FastattrError(f"{path}: its EXIF block cannot be parsed ({exc}); strip it and try again") from None
+    for ifd in ifds:
+        for tag, value in list(ifd.items()):
+            if isinstance(value, str) and not value.isascii():
+                ifd[tag] = value.encode("latin-1")
 
 
 def _dump_exif(exif: Image.Exif, limit: int | None, path: Path) -> bytes:
