@@ -2,9 +2,12 @@
 
 For each test query and method (teacher, tuned encoder, untuned encoder, random), the method's top-K
 training items are removed and the sandbox UNet is retrained from scratch without them; one
-reference UNet is retrained on the full set. Every run uses the same seed, initialisation, schedule,
-noise and data order apart from the removed items, and the original model's VAE and text encoder
-(frozen: only the UNet is retrained, so its text states are computed once). Then, per run:
+reference UNet is retrained on the full set. Every run uses the same seed, initialisation, schedule
+and batches as the reference, each batch less the removed items it holds, so every other item meets
+the same steps, noise and timesteps (skipping them in the order would shift every later batch: on the
+sandbox, a change of the query loss as large as the removals' own). The
+original model's VAE and text encoder are kept (frozen: only the UNet is retrained, so its text
+states are computed once). Then, per run:
 
 - dL: the query's diffusion loss under the retrained UNet minus under the reference, on identical
   seeded (noise, timestep) pairs (higher = the removed items mattered more);
@@ -159,17 +162,12 @@ def load_plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> di
 # -- retraining ----------------------------------------------------------------------------------
 
 
-def batch_order(keep: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """[steps, batch_size] item rows: seeded epoch permutations of the WHOLE set, removed items
-    skipped, so every run sees the same order apart from what it removes."""
-    need, order, epoch = steps * batch_size, [], 0
-    while sum(len(o) for o in order) < need:
-        permutation = np.random.default_rng([seed, epoch]).permutation(len(keep))
-        order.append(permutation[keep[permutation]])
-        epoch += 1
-        if not keep.any():
-            raise FastattrError("every training item was removed; lower K")
-    return np.concatenate(order)[:need].reshape(steps, batch_size)
+def batch_order(num_items: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
+    """[steps, batch_size] item rows: seeded epoch permutations of the whole set, the same for every
+    run (a run drops its removed items from each batch, see ``retrain``)."""
+    epochs = -(-steps * batch_size // num_items)
+    order = np.concatenate([np.random.default_rng([seed, e]).permutation(num_items) for e in range(epochs)])
+    return order[:steps * batch_size].reshape(steps, batch_size)
 
 
 class _Frozen:
@@ -206,7 +204,9 @@ def retrain(job: CounterfactualJob, frozen: _Frozen, removed: list[int], work: P
     opt = torch.optim.AdamW(unet.parameters(), lr=job.lr, weight_decay=1e-2)
     keep = np.ones(len(frozen.mean), dtype=bool)
     keep[removed] = False
-    order = batch_order(keep, job.steps, job.batch_size, job.seed)
+    if not keep.any():
+        raise FastattrError("every training item was removed; lower K")
+    order = batch_order(len(keep), job.steps, job.batch_size, job.seed)
     ckpt = _Checkpoint(work / "unet.ckpt")
     start = 0
     if state := ckpt.load():
@@ -223,14 +223,17 @@ def retrain(job: CounterfactualJob, frozen: _Frozen, removed: list[int], work: P
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, train_scheduler.config.num_train_timesteps, (job.batch_size,), generator=g)
         noisy = train_scheduler.add_noise(latents, noise, t)
-        dev = frozen.device
-        loss = F.mse_loss(unet(noisy.to(dev), t.to(dev), text.to(dev)).sample, noise.to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        for group in opt.param_groups:  # warm-up then cosine decay, a pure function of the step
-            group["lr"] = float(job.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / job.steps)))
-        opt.step()
+        kept = torch.from_numpy(keep[order[step]])  # the reference's batch less the removed items
+        if kept.any():
+            dev = frozen.device
+            prediction = unet(noisy[kept].to(dev), t[kept].to(dev), text[kept].to(dev)).sample
+            loss = F.mse_loss(prediction, noise[kept].to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            for group in opt.param_groups:  # warm-up then cosine decay, a pure function of the step
+                group["lr"] = float(job.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / job.steps)))
+            opt.step()
         ckpt.maybe_save(step + 1, job.steps, {"unet": unet.state_dict(), "optimizer": opt.state_dict()})
     ckpt.clear()
     return unet.eval()
@@ -422,7 +425,8 @@ def report(job: CounterfactualJob, results: dict[str, dict], out: str | Path, co
 def _write(table: dict, out: Path, command: str) -> None:
     lines = ["# Counterfactual check: leave-K-out retraining", "", f"Command: `{command}`", "",
              f"{table['queries']} queries; every run retrains the sandbox UNet from scratch for {table['steps']} steps "
-             "(same seed, initialisation, noise and data order apart from the removed items; the original VAE and "
+             "(same seed, initialisation and batches, each less the removed items it holds, so every other item meets the "
+             "same steps, noise and timesteps; the original VAE and "
              "text encoder, frozen). dL = the query's loss under the run minus under the reference retrained on "
              "everything (identical noise and timesteps; higher = the removed items mattered more). MSE and image "
              "similarity compare the images both models regenerate from the query's prompt and seed (more change "

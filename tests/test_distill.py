@@ -15,7 +15,8 @@ import yaml
 from fastattr_distill.data import load_dataset, load_datasets
 from fastattr_distill.evaluate import evaluate, method_scores, write_report
 from fastattr_distill.metrics import average_precision, recall_at, spearman
-from fastattr_distill.train import Pairs, load_config, split_queries, subsample, train, with_outliers
+from fastattr_distill.train import (Pairs, epoch_batches, load_config, rank_table, split_queries, subsample, train,
+                                    with_outliers)
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
 from fastattr_teacher.curate import curate, load_job, run_fisher, score_queue
@@ -97,6 +98,60 @@ def test_subsample_draws_a_fresh_share_of_each_query_ranking(dataset):
     assert all(lookup[(q, i)] == y for q, i, y in zip(a.query, a.item, a.label))
     assert set(zip(a.query, a.item)) != set(zip(b.query, b.item))
     assert subsample(pairs, None, np.random.default_rng(1)) is pairs
+
+
+def _whole_set_dataset(dataset: Path, folder: Path) -> Path:
+    """A copy of ``dataset`` whose every query ranks every training item (as the linear teacher can)."""
+    folder.mkdir()
+    (folder / "images").symlink_to(dataset.parent / "images")
+    with np.load(dataset) as z:
+        arrays = dict(z)
+    queries, table = len(arrays["query_id"]), arrays["train_keys"]
+    rng = np.random.default_rng(0)
+    arrays["key"] = np.concatenate([rng.permutation(table) for _ in range(queries)])
+    arrays["rank"] = np.tile(np.arange(len(table)), queries)
+    arrays["tau"] = arrays["rank"].astype(np.float64)
+    arrays["offsets"] = np.arange(queries + 1) * len(table)
+    arrays["variant_tau"] = np.tile(arrays["tau"], (len(arrays["variants"]), 1))
+    np.savez(folder / "distill.npz", **arrays)
+    (folder / "distill.yaml").write_text(dataset.with_suffix(".yaml").read_text())
+    return folder / "distill.npz"
+
+
+def test_block_batches_cover_every_pair_of_whole_set_rankings_once(dataset, micro_sandbox, tmp_path):
+    import dataclasses
+
+    whole = _whole_set_dataset(dataset, tmp_path / "whole")
+    data = load_dataset(whole)
+    train_q = data.queries("train")
+    pairs, labels = Pairs.of(data, train_q), rank_table(data, train_q)
+    config = load_config(write_config(tmp_path / "a", whole, micro_sandbox, block_items=48, outlier_rate=0.0))
+    count, batches = epoch_batches(config, pairs, labels, train_q, len(data.train_keys), np.random.default_rng(0))
+    batches = list(batches)
+    assert count == len(pairs.label) and sum(b.label.size for b in batches) == count
+    assert all(b.label.shape == (len(b.query), len(b.item)) and len(b.query) <= 64 // 48 and len(b.item) <= 48
+               for b in batches)
+    seen = [(q, i, b.label[r, c]) for b in batches for r, q in enumerate(b.query) for c, i in enumerate(b.item)]
+    assert sorted(seen) == sorted(zip(pairs.query, pairs.item, pairs.label.astype(np.float32)))  # each pair once
+    again = list(epoch_batches(config, pairs, labels, train_q, len(data.train_keys), np.random.default_rng(0))[1])
+    assert all(np.array_equal(a.item, b.item) for a, b in zip(batches, again))
+    config = dataclasses.replace(config, pairs_per_query=50)
+    count, batches = epoch_batches(config, pairs, labels, train_q, len(data.train_keys), np.random.default_rng(1))
+    met = np.bincount(np.concatenate([np.repeat(b.query, len(b.item)) for b in batches]))
+    assert count == 50 * len(train_q) and set(met[train_q]) == {50}
+    path = write_config(tmp_path / "b", whole, micro_sandbox, block_items=16, outlier_rate=0.0, epochs=2)
+    report = json.loads((train(load_config(path), path).parent / "train.json").read_text())
+    assert report["history"][-1]["train_loss"] < report["history"][0]["train_loss"]
+    from fastattr_distill.train import PairScorer
+    from fastattr_hook.head import AttributionHead
+
+    scorer, fq, fi = PairScorer(AttributionHead(8, 16, 4, 1).eval()), torch.randn(3, 8), torch.randn(5, 8)
+    pairs_of_block = scorer(fq, fi, torch.arange(3).repeat_interleave(5), torch.arange(5).repeat(3))
+    assert torch.allclose(scorer(fq, fi).ravel(), pairs_of_block, atol=1e-6)  # a block is its pairs' logits
+    with pytest.raises(FastattrError, match="outlier_rate"):
+        load_config(write_config(tmp_path / "c", whole, micro_sandbox, block_items=16, outlier_rate=0.1))
+    with pytest.raises(FastattrError, match="ranks 24 of 160 items; block_items needs whole-set rankings"):
+        rank_table(load_dataset(dataset), train_q)
 
 
 def test_training_writes_a_tuned_encoder_that_loads_and_serves(trained, micro_sandbox):
@@ -352,15 +407,14 @@ def test_a_sandbox_serves_its_distilled_encoder(dataset, micro_sandbox, tmp_path
         build.verify(root)
 
 
-def test_counterfactual_batch_order_only_skips_removed_items():
+def test_counterfactual_batches_are_seeded_epochs_of_the_whole_set():
     from fastattr_distill.counterfactual import batch_order
 
-    keep = np.ones(50, dtype=bool)
-    full = batch_order(keep, 40, 8, seed=1)  # longer: the run without 3 items reaches further into it
-    keep[[3, 17, 42]] = False
-    without = batch_order(keep, 30, 8, seed=1)
-    assert not np.isin(without, [3, 17, 42]).any()
-    assert np.array_equal(without.ravel(), full.ravel()[~np.isin(full.ravel(), [3, 17, 42])][:240])
+    order = batch_order(50, 40, 8, seed=1)  # 320 draws: 6 whole epochs and a part
+    assert order.shape == (40, 8)
+    assert all(np.array_equal(np.sort(order.ravel()[e * 50:(e + 1) * 50]), np.arange(50)) for e in range(6))
+    assert np.array_equal(order, batch_order(50, 40, 8, seed=1))  # every run: the reference's batches
+    assert not np.array_equal(order, batch_order(50, 40, 8, seed=2))
 
 
 @pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
