@@ -339,12 +339,14 @@ def test_tune_search_picks_the_cheapest_setting_that_reaches_the_target(data, na
     index.set_search_setting(SEARCH_LADDER[0])
     first = tune_search(index, keys, vectors, tune=False)  # measures only: the setting stays
     assert index.params[setting] == SEARCH_LADDER[0]
-    reached = tune_search(index, keys, vectors, target=0.99)
+    # 0.98, not 0.99: usearch adds on every core, so its graph differs run to run, and this poor one's
+    # best recall ranged 0.990-0.995 (measured; it once missed 0.99 in CI)
+    reached = tune_search(index, keys, vectors, target=0.98)
     chosen = index.params[setting]
-    assert reached >= 0.99 > first and chosen > SEARCH_LADDER[0]
+    assert reached >= 0.98 > first and chosen > SEARCH_LADDER[0]
     cheaper = SEARCH_LADDER[SEARCH_LADDER.index(chosen) - 1]
     index.set_search_setting(cheaper)
-    assert tune_search(index, keys, vectors, tune=False) < 0.99  # the one below it does not reach it
+    assert tune_search(index, keys, vectors, tune=False) < 0.98  # the one below it does not reach it
 
 
 def test_tune_search_on_an_exact_index_only_measures(data):
