@@ -173,11 +173,12 @@ class UNetAdapter:
                                     f"(or by an older fastattr); delete the folder to re-encode")
         elif not build:
             return False
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(root / "items.json", json.dumps(header))
         done = set(json.loads(done_path.read_text())) if done_path.is_file() else set()
         if len(done) < len(items) and not build:
             return False
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(root / "items.json", json.dumps(header))
         shapes = {}
         if not ((root / "latents.npy").is_file() and (root / "text.npy").is_file()):
             shapes = {"latents.npy": (len(items), *self.encode_image(items[0].load_image(), flips).shape),

@@ -537,9 +537,11 @@ def metadata_cases() -> list[tuple[str, bytes, bytes | None, tuple]]:
          ("refused", "not a readable image")),
         ("png-compressed-cut-before-idat.png", png_with([itxt(b"fastattr", JSON_TEXT, True)[:-60] + bytes(4)]), None,
          ("refused", "not a readable image")),
-        # after the image data only our reader looks: it does not check CRCs (as Pillow does not there)
+        # after the image data only our reader looks (Pillow does not check CRCs there): it does
         ("png-bad-crc-after-idat.png", png_with(after_idat=[itxt(b"fastattr", JSON_TEXT, crc=0)]), None,
-         ("read", ["png"])),
+         ("problem", "png", "damaged iTXt chunk (its CRC does not match")),
+        ("png-xmp-bad-crc-after-idat.png", png_with(after_idat=[itxt(b"XML:com.adobe.xmp", XMP, crc=0)]), None,
+         ("problem", "xmp", "damaged iTXt chunk (its CRC does not match")),
         ("png-chunk-claims-2-gib.png", png_with(after_idat=[struct.pack(">I4s", 0x7FFFFFFF, b"tEXt")]), None,
          ("refused", "PNG is truncated or corrupt (no IEND chunk)")),
         ("png-no-iend.png", ours(JSON_TEXT)[:-12], None, ("refused", "PNG is truncated or corrupt (no IEND chunk)")),

@@ -113,6 +113,20 @@ def test_png_round_trip(tmp_path):
     assert sidecar_path(out) == tmp_path / "out.attribution.json"
 
 
+def test_credits_are_not_written_into_a_png_with_a_damaged_chunk(tmp_path):
+    """A chunk failing its CRC would be copied into the credited file as it is: refused by name, the
+    file untouched."""
+    path = tmp_path / "damaged.png"
+    rgb().save(path)
+    body = b"Comment\x00kept"  # after the image data, where Pillow reads no CRC; stored with one of "Kept"
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXtComment\x00Kept"))
+    data = path.read_bytes()[:-12] + chunk + path.read_bytes()[-12:]
+    path.write_bytes(data)
+    with pytest.raises(FastattrError, match=rf"^{path}: its PNG 'tEXt' chunk fails its CRC .*re-save the image"):
+        write_attribution_in_place(path, make_attribution())
+    assert path.read_bytes() == data and not sidecar_path(path).exists()
+
+
 @pytest.mark.parametrize("suffix", [".jpg", ".webp"])
 def test_jpeg_webp_round_trip_keeps_exif(tmp_path, suffix):
     image = rgb()

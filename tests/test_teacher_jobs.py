@@ -207,7 +207,7 @@ KEPT = ("plan.npz", "images", "fisher.safetensors", "cache")  # what `score` rea
 
 def _files(run: Path) -> dict[str, str]:
     """The sha256 of every file of a run outside ``queries/``, less the hidden temp files of atomic
-    writes a kill may leave (score rewrites the encoding cache's items.json, the same bytes)."""
+    writes a kill may leave."""
     return {str(p.relative_to(run)): sha256_file(p) for p in sorted(run.rglob("*")) if p.is_file()
             and p.relative_to(run).parts[0] != "queries" and not re.fullmatch(r"\..+\.tmp", p.name)}
 

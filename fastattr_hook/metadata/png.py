@@ -33,9 +33,14 @@ def _png_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
     raise FastattrError(f"{path}: PNG is truncated or corrupt (no IEND chunk)")
 
 
+def _crc_ok(raw: bytes) -> bool:
+    return zlib.crc32(raw[4:-4]) == struct.unpack(">I", raw[-4:])[0]
+
+
 def _png_text(data: bytes, path: Path, damaged: dict[str, str] | None = None) -> dict[str, str]:
     """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine).
-    A chunk whose text cannot be decoded is skipped; ``damaged`` gets its keyword and why."""
+    A chunk that fails its CRC or whose text cannot be decoded is skipped; ``damaged`` gets its
+    keyword and why."""
     text, total = {}, 0
     for ctype, raw in _png_chunks(data, path):
         if ctype not in _PNG_TEXT_CHUNKS:
@@ -44,6 +49,8 @@ def _png_text(data: bytes, path: Path, damaged: dict[str, str] | None = None) ->
             raise FastattrError(f"{path}: text chunks inflate beyond {_MAX_TEXT_BYTES} bytes in total")
         key, _, body = raw[8:-4].partition(b"\x00")
         try:
+            if not _crc_ok(raw):
+                raise ValueError("its CRC does not match: the file was damaged or edited byte by byte")
             if ctype == b"tEXt":
                 value = body.decode("latin-1")
             elif ctype == b"zTXt":
@@ -52,7 +59,7 @@ def _png_text(data: bytes, path: Path, damaged: dict[str, str] | None = None) ->
                 _, _, rest = body[2:].partition(b"\x00")
                 _, _, rest = rest.partition(b"\x00")
                 value = (_inflate(rest) if body[0] else rest).decode("utf-8")
-        except (zlib.error, UnicodeDecodeError, IndexError) as exc:
+        except (zlib.error, UnicodeDecodeError, IndexError, ValueError) as exc:
             if damaged is not None:
                 damaged[key.decode("latin-1")] = f"damaged {ctype.decode()} chunk ({exc})"
             continue
@@ -111,6 +118,9 @@ def _embed_png(data: bytes, json_text: str, xmp: bytes, text: dict[str, str], pa
             continue
         if ctype in _PNG_TEXT_CHUNKS and raw[8:].split(b"\x00", 1)[0] in replaced:
             continue
+        if not _crc_ok(raw):  # copied as it is, it would carry the damage into the credited file
+            raise FastattrError(f"{path}: its PNG {ctype.decode('latin-1')!r} chunk fails its CRC (the file is "
+                                "damaged); re-save the image, then write the credits")
         kept.append((ctype, raw))
     first_idat = next((i for i, (ctype, _) in enumerate(kept) if ctype == b"IDAT"), None)
     if first_idat is None:
