@@ -7,7 +7,8 @@ For each size N it makes N database vectors and ``--queries`` query vectors of d
 ``make_corpus``; sandbox: real embeddings, ``sandbox_corpus``), computes the exact top-100 once, then for each index configuration (built through
 ``fastattr_hook.search``, the code the product runs) measures:
 
-* build time (one ``add`` of all N vectors, all cores) and bytes per vector on disk;
+* build time (one ``add`` of all N vectors, all cores) and bytes per vector on disk (the index file;
+  a ``rerank`` configuration also reads the float32 ``vectors.npy`` every bundle keeps, memory-mapped);
 * RAM: resident-memory growth when the saved index is loaded for serving (``view=True``, memory-mapped
   where the backend can) and then searched with every query; usearch/faiss HNSW touch most pages;
 * single-query latency p50/p99 (one query per call, one thread, the way a generation pipeline asks),
@@ -110,6 +111,7 @@ class Config:
     backend: str
     params: dict = field(default_factory=dict)
     sweep: list[dict] = field(default_factory=lambda: [{}])
+    rerank: bool = False  # served as a bundle serves a lossy index: candidates re-scored on a mapped vectors.npy
 
 
 def configs(only: list[str] | None = None) -> list[Config]:
@@ -126,10 +128,17 @@ def configs(only: list[str] | None = None) -> list[Config]:
         usearch("f16", 16),
         usearch("f16", 32),
         usearch("i8", 32),
-        Config("faiss HNSW32", "faiss", {"factory": "HNSW32", "gpu": False}, [{"efSearch": e} for e in (64, 128, 256)]),
+        Config("usearch i8 M32 rerank", "usearch", {"dtype": "i8", "connectivity": 32, "expansion_add": 128},
+               [{"expansion_search": e} for e in (64, 128, 256, 512)], rerank=True),
+        Config("faiss HNSW32", "faiss", {"factory": "HNSW32", "gpu": False},
+               [{"efSearch": e} for e in (64, 128, 256, 512)]),
         Config("faiss HNSW32,SQ8", "faiss", {"factory": "HNSW32,SQ8", "gpu": False},
                [{"efSearch": e} for e in (64, 128, 256)]),
+        Config("faiss HNSW32,SQ8 rerank", "faiss", {"factory": "HNSW32,SQ8", "gpu": False},
+               [{"efSearch": e} for e in (64, 128, 256, 512, 1024)], rerank=True),
         Config("faiss IVF,SQ8", "faiss", {"factory": "IVF1024,SQ8", "gpu": False}, [{"nprobe": p} for p in (16, 64)]),
+        Config("faiss IVF,SQ8 rerank", "faiss", {"factory": "IVF1024,SQ8", "gpu": False},
+               [{"nprobe": p} for p in (16, 64, 128)], rerank=True),
         Config("faiss OPQ,IVF,PQ", "faiss", {"factory": "OPQ64,IVF1024,PQ64", "gpu": False},
                [{"nprobe": p} for p in (16, 64)]),
     ]
@@ -174,6 +183,7 @@ def run_size(n: int, args, cores: int) -> list[dict]:
     print(f"\nN = {n:,} x {DIM} ({args.corpus}): {args.queries} queries", flush=True)
     rows, exact_keys = [], None
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        np.save(Path(tmp) / "vectors.npy", database)  # what a bundle keeps beside a lossy index, for re-ranking
         for config in configs(args.only):
             folder = Path(tmp) / config.label.replace(" ", "_").replace(",", "_")
             folder.mkdir()
@@ -191,6 +201,8 @@ def run_size(n: int, args, cores: int) -> list[dict]:
                 gc.collect()
                 before = rss_bytes()
                 index = load_index(config.backend, folder, DIM, {**params, **setting}, view=True)
+                if config.rerank:
+                    index.rerank_with(np.load(Path(tmp) / "vectors.npy", mmap_mode="r"))
                 set_threads(cores)
                 start = time.perf_counter()
                 found, _ = index.search(queries, 100)

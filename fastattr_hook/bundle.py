@@ -193,16 +193,19 @@ class Bundle:
 
     def index(self) -> "VectorIndex":
         """The vector index, memory-mapped, read-only: index/ alone, or with shards one ``ShardedIndex``
-        over index/ and every shard (each checked against the bundle before anything is opened)."""
+        over index/ and every shard (each checked against the bundle before anything is opened).
+        A lossy index (one byte per dimension or less) re-ranks its candidates on ``vectors()``."""
         from .search import ShardedIndex, load_index
 
         m = self.manifest
         shard_dirs = [self._checked_shard(shard) for shard in m.shards]
-        main = load_index(m.backend, self.path / self.INDEX, m.dim, m.backend_params)
-        if not m.shards:
-            return main
-        return ShardedIndex([main, *(load_index(shard.backend, folder, m.dim, shard.backend_params)
-                                     for shard, folder in zip(m.shards, shard_dirs))])
+        index = load_index(m.backend, self.path / self.INDEX, m.dim, m.backend_params)
+        if m.shards:
+            index = ShardedIndex([index, *(load_index(shard.backend, folder, m.dim, shard.backend_params)
+                                           for shard, folder in zip(m.shards, shard_dirs))])
+        if index.lossy:
+            index.rerank_with(self.vectors(), self._stored_keys())
+        return index
 
     def shard_path(self, name: str) -> Path:
         return self.path / self.SHARDS / name
@@ -240,8 +243,15 @@ class Bundle:
         the row numbers."""
         import numpy as np
 
+        keys = self._stored_keys()
+        return np.arange(len(self.vectors()), dtype=np.int64) if keys is None else keys
+
+    def _stored_keys(self) -> "np.ndarray | None":
+        """keys.npy, or None while row = key."""
+        import numpy as np
+
         path = self.path / self.KEYS
-        return np.load(path) if path.is_file() else np.arange(len(self.vectors()), dtype=np.int64)
+        return np.load(path) if path.is_file() else None
 
     def rejects(self) -> list[dict]:
         path = self.path / self.REJECTS

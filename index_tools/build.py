@@ -263,6 +263,8 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
             params = {**(current.backend_params if backend == current.backend else {}), **(backend_params or {})}
             index = create_index(backend, current.dim, params, n_items_hint=len(keys))
             index.add(keys, vectors)
+            if index.lossy:
+                index.rerank_with(vectors, keys)
             recall = tune_search(index, keys, vectors, tune=index.search_setting not in (backend_params or {}))
             for folder in (Bundle.INDEX, Bundle.SHARDS):
                 shutil.rmtree(tmp / folder, ignore_errors=True)
@@ -287,6 +289,8 @@ def _append(folder: Path, index_dir: Path, index: VectorIndex, old_keys: np.ndar
     recall@10 against exact search."""
     keys = np.arange(first_key, first_key + len(vectors), dtype=np.int64)
     index.add(keys, vectors)
+    if index.lossy:  # tuned as it is served: re-ranked on the float32 copy (Bundle.index)
+        index.rerank_with(vectors, keys)
     recall = tune_search(index, keys, vectors, tune=tune)
     index_dir.mkdir(parents=True)
     index.save(index_dir)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from fastattr_hook.attributor import Attributor
-from fastattr_hook.bundle import read_manifest
+from fastattr_hook.bundle import Bundle, read_manifest
 from fastattr_hook.errors import FastattrError
 from index_tools import build as build_mod
 from index_tools.build import BuildOptions, add_to_bundle, build_bundle
@@ -45,14 +45,19 @@ def exact_bundle(sandbox, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend,params", [("exact", None), ("usearch", None), ("usearch", {"dtype": "f16"}),
-                                            ("faiss", {"factory": "HNSW32"})])
-def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, tmp_path, rows, backend, params):
+@pytest.mark.parametrize("backend,params,dtype", [
+    ("exact", None, "f32"), ("usearch", None, "f16"), ("usearch", {"dtype": "f32"}, "f32"),
+    ("faiss", {"factory": "HNSW32"}, "f32"),
+    ("usearch", {"dtype": "i8"}, "i8"), ("faiss", {"factory": "HNSW32,SQ8"}, "SQ8")])  # lossy: re-ranked
+def test_each_backend_builds_verifies_and_matches_exact(sandbox, exact_bundle, tmp_path, rows, backend, params, dtype):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
     out = tmp_path / backend
     manifest = build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out,
                             _options(backend=backend, backend_params=params))
     assert manifest.items == len(rows) and manifest.manifest.rejected == 0
-    assert manifest.dtype == (params or {}).get("dtype", "f16" if backend == "usearch" else "f32")
+    assert manifest.dtype == dtype
+    assert (Bundle.open(out).index()._exact is not None) == (dtype in ("i8", "SQ8"))  # served re-ranked
     assert manifest.recall_at_10 >= (0.99 if backend != "exact" else 1.0)  # tuned to RECALL_TARGET on its own data
     assert read_manifest(out).recall_at_10 == manifest.recall_at_10
     report = verify_bundle(out, deep=True, sample=24)

@@ -128,6 +128,50 @@ def test_backend_agrees_with_exact(data, name):
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
+# Lossy storage (one byte per dimension): recall@10 measured on `data` without re-ranking, with it 1.0.
+LOSSY = {"faiss-sq8": (("faiss", {"factory": "SQ8"}), 0.958),
+         "faiss-hnsw-sq8": (("faiss", {"factory": "HNSW32,SQ8"}), 0.958),
+         "usearch-i8": (("usearch", {"dtype": "i8"}), None)}  # multi-threaded build: 0.91, varying
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_lossy_index_reranked_on_float32_vectors_finds_the_exact_top_k(data, name):
+    keys, vectors, queries, exact_keys, exact_scores = data
+    config, alone = LOSSY[name]
+    index = build(config, keys, vectors)
+    assert index.lossy
+    found, scores = index.search(queries, 10)
+    if alone is not None:
+        assert recall_at_k(found, exact_keys, 10) == pytest.approx(alone, abs=0.01)
+    assert np.abs(scores - exact_scores).max() > 1e-3  # the codes' estimates
+    found, scores = index.rerank_with(vectors, keys).search(queries, 10)
+    np.testing.assert_array_equal(found, exact_keys)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)  # exact cosines, from the float32 vectors
+    excluded = exact_keys[:, 0]  # opt-outs still never come back, and the next best take their place
+    found, _ = index.search(queries, 10, exclude=excluded)
+    assert not np.isin(found, excluded).any()
+    assert recall_at_k(found, np.where(np.isin(exact_keys, excluded), -1, exact_keys), 10) == 1.0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_precision_indexes_are_not_lossy(small, name):
+    assert not build(CONFIGS[name], *small[:2]).lossy
+
+
+def test_rerank_rows_are_keys_without_keys_and_a_stray_key_is_named(small):
+    _, vectors, queries = small
+    keys = np.arange(len(vectors), dtype=np.int64)
+    index = build(("usearch", {"dtype": "i8"}), keys, vectors)
+    exact = build(CONFIGS["exact"], keys, vectors)
+    np.testing.assert_array_equal(index.rerank_with(vectors).search(queries, 5)[0], exact.search(queries, 5)[0])
+    index.rerank_with(vectors[:-150], keys[:-150])  # half the keys the index holds have no float32 row
+    with pytest.raises(FastattrError, match=r"returned key \d+, which its float32 vectors do not hold; rebuild"):
+        index.search(queries, 5)
+    with pytest.raises(FastattrError, match=r"expected \[n, 64\] vectors and n keys, got vectors of shape \(300, 64\) "
+                                            r"and 299 keys"):
+        index.rerank_with(vectors, keys[1:])
+
+
 def test_ivf_pq_is_a_coarse_but_sane_approximation(data):
     keys, vectors, queries, exact_keys, _ = data
     index = build(("faiss", {"factory": "IVF16,PQ64x4fs"}), keys, vectors)

@@ -101,6 +101,14 @@ def test_sharded_index_merges_any_backends_and_is_read_only():
         merged.add(np.array([600]), vectors[:1])
     with pytest.raises(FastattrError, match="one dimension"):
         ShardedIndex([parts[0], create_index("exact", 16)])
+    lossy = create_index("usearch", 32, {"dtype": "i8"})  # one lossy shard: the merged index is re-ranked
+    lossy.add(np.arange(300, 600), vectors[300:])
+    merged = ShardedIndex([parts[0], lossy])
+    assert merged.lossy and not ShardedIndex(parts).lossy
+    found, scores = merged.rerank_with(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).search(queries, 10)
+    want, exact_scores = reference.search(queries, 10)
+    np.testing.assert_array_equal(found, want)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
 
 
 def test_compact_deletes_removed_items_for_good_and_keeps_keys_and_results(sharded, micro_sandbox, rows, tmp_path):
