@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastattr_hook.files import atomic_write_text
+from fastattr_hook.files import atomic_write_text, map_npy
 from fastattr_hook.search import create_index, load_index, recall_at_k
 
 DIM = 768
@@ -202,7 +202,7 @@ def run_size(n: int, args, cores: int) -> list[dict]:
                 before = rss_bytes()
                 index = load_index(config.backend, folder, DIM, {**params, **setting}, view=True)
                 if config.rerank:
-                    index.rerank_with(np.load(Path(tmp) / "vectors.npy", mmap_mode="r"))
+                    index.rerank_with(map_npy(Path(tmp) / "vectors.npy", scattered=True))
                 set_threads(cores)
                 start = time.perf_counter()
                 found, _ = index.search(queries, 100)

@@ -22,7 +22,7 @@ import yaml
 
 from .config import from_dict, to_dict
 from .errors import FastattrError
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, map_npy, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -204,7 +204,7 @@ class Bundle:
             index = ShardedIndex([index, *(load_index(shard.backend, folder, m.dim, shard.backend_params)
                                            for shard, folder in zip(m.shards, shard_dirs))])
         if index.lossy:
-            index.rerank_with(self.vectors(), self._stored_keys())
+            index.rerank_with(self.vectors(scattered=True), self._stored_keys())
         return index
 
     def shard_path(self, name: str) -> Path:
@@ -231,12 +231,10 @@ class Bundle:
                                 "lists every missing file)")
         return folder
 
-    def vectors(self) -> "np.ndarray":
+    def vectors(self, scattered: bool = False) -> "np.ndarray":
         """[items, dim] float32 copy of every vector in key order (memory-mapped); ``vector_keys`` are
-        their keys."""
-        import numpy as np
-
-        return np.load(self.path / self.VECTORS, mmap_mode="r")
+        their keys. ``scattered``: mapped for reads of a few rows here and there (re-ranking)."""
+        return map_npy(self.path / self.VECTORS, scattered)
 
     def vector_keys(self) -> "np.ndarray":
         """The key of each row of ``vectors()``, ascending: keys.npy once compaction dropped rows, else

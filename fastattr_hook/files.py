@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 __all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "changed_files",
-           "link_tree", "sha256_file"]
+           "link_tree", "map_npy", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -65,6 +65,27 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def map_npy(path: str | os.PathLike, scattered: bool = False):
+    """A read-only memory map of an ``.npy`` file. ``scattered``: advised for reads of a few rows here
+    and there (MADV_RANDOM), without the kernel's readahead around each (128 KB or more): on 1M x 768
+    float32 vectors, re-ranking the candidates of 300 queries pulled the whole 3 GB file into memory."""
+    import mmap
+
+    import numpy as np
+
+    if not scattered:
+        return np.load(path, mmap_mode="r")
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        offset = f.tell()
+    if hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=mapped, offset=offset, order="F" if fortran else "C")
 
 
 def changed_files(root: Path, recorded: dict[str, str]) -> list[tuple[str, str]]:
