@@ -37,7 +37,7 @@ from search_scale import make_corpus  # noqa: E402
 from fastattr_hook.attributor import Attributor  # noqa: E402
 from fastattr_hook.files import atomic_write_text  # noqa: E402
 from fastattr_hook.head import AttributionHead, save_head  # noqa: E402
-from fastattr_hook.search import create_index, default_backend  # noqa: E402
+from fastattr_hook.search import create_index, default_index  # noqa: E402
 
 PAPER_A100_MS = 18.7
 
@@ -57,8 +57,8 @@ def make_bundle(folder: Path, n: int, device: str) -> Path:
     (folder / Bundle.ENCODER).write_text(yaml.safe_dump(spec))
     encoder = Encoder.from_yaml(folder / Bundle.ENCODER, device=device)
     vectors, _ = make_corpus(n, 1, dim=encoder.dim)
-    backend = default_backend(n)
-    index = create_index(backend, encoder.dim)
+    backend, params = default_index(n)
+    index = create_index(backend, encoder.dim, params)
     index.add(np.arange(n), vectors)
     (folder / Bundle.INDEX).mkdir()
     index.save(folder / Bundle.INDEX)

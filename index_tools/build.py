@@ -38,7 +38,7 @@ from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
 from fastattr_hook.items import Item, ItemStore
-from fastattr_hook.search import VectorIndex, create_index, default_backend, tune_search
+from fastattr_hook.search import VectorIndex, create_index, default_index, tune_search
 
 from .manifest import ImageRef, ManifestRow, ManifestValidator, RowRejected, iter_manifest, manifest_fingerprint
 
@@ -144,9 +144,9 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
         raise FastattrError(f"{manifest_path}: no usable row, so no bundle was made; the reasons per row are in "
                             f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
     vectors, items, rejects = _merge_chunks(work, accepted)
-    backend = options.backend or default_backend(len(vectors))
+    backend, params = (options.backend, options.backend_params) if options.backend else default_index(len(vectors))
     with atomic_dir(out) as tmp:
-        index = create_index(backend, encoder.dim, options.backend_params, n_items_hint=len(vectors))
+        index = create_index(backend, encoder.dim, params, n_items_hint=len(vectors))
         save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
         recall = _append(tmp, tmp / Bundle.INDEX, index, np.zeros(0, np.int64),
                          np.zeros((0, encoder.dim), np.float32), vectors, items, rejects, out,
@@ -197,12 +197,12 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
                     len(rejected), f", first: {json.loads(rejected[0]).get('reason')}" if rejected else "")
         return current
     vectors, items, rejects = _merge_chunks(work, accepted)
-    backend = current.backend if current.backend != "exact" else default_backend(len(vectors))
+    backend, params = (current.backend, current.backend_params) if current.backend != "exact" \
+        else default_index(len(vectors))
     with atomic_dir(bundle_dir) as tmp:
         link_tree(bundle_dir, tmp, copy=(Bundle.ITEMS,))
         staged = Bundle(tmp, current)
-        shard = create_index(backend, encoder.dim, current.backend_params if backend == current.backend else None,
-                             n_items_hint=len(vectors))
+        shard = create_index(backend, encoder.dim, params, n_items_hint=len(vectors))
         name = staged.new_shard_name()
         _append(tmp, staged.shard_path(name), shard, staged.vector_keys(), staged.vectors(), vectors, items,
                 staged.rejects() + rejects, bundle_dir, first_key=first_key)
@@ -259,8 +259,11 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
                                     "bundle; delete the bundle instead")
             keys, vectors = keys[keep], np.asarray(staged.vectors()[keep], dtype=np.float32)
             if backend is None:
-                backend = current.backend if current.backend != "exact" else default_backend(len(keys))
-            params = {**(current.backend_params if backend == current.backend else {}), **(backend_params or {})}
+                backend, chosen = (current.backend, current.backend_params) if current.backend != "exact" \
+                    else default_index(len(keys))
+            else:
+                chosen = current.backend_params if backend == current.backend else {}
+            params = {**chosen, **(backend_params or {})}
             index = create_index(backend, current.dim, params, n_items_hint=len(keys))
             index.add(keys, vectors)
             if index.lossy:

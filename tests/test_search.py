@@ -11,7 +11,7 @@ import pytest
 
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import map_npy
-from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, SEARCH_LADDER, create_index, default_backend,
+from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, SEARCH_LADDER, create_index, default_index,
                                   load_index, recall_at_k, tune_search)
 
 DIM = 64
@@ -356,15 +356,15 @@ def test_recall_at_k_by_hand():
     assert recall_at_k(exact[:2], exact[:2], 4) == 1.0
 
 
-def test_default_backend_threshold():
-    assert default_backend(0) == "exact"
-    assert default_backend(EXACT_MAX_ITEMS - 1) == "exact"
+def test_default_index_by_size():
+    assert default_index(0) == default_index(EXACT_MAX_ITEMS - 1) == ("exact", {})
     try:
         import faiss  # noqa: F401
-        above = "faiss"  # HNSW32: the fastest at recall 0.99 where it is installed
+        above = ("faiss", {"factory": "HNSW32,SQ8"})  # one byte a dimension, re-ranked: as fast as float32 HNSW32
     except ImportError:
-        above = "usearch"
-    assert default_backend(EXACT_MAX_ITEMS) == above
+        above = ("usearch", {"dtype": "i8"})
+    assert default_index(EXACT_MAX_ITEMS) == above
+    assert create_index(above[0], DIM, above[1]).lossy  # so a bundle serves it re-ranked
 
 
 def test_faiss_factory_survives_usearch_loaded_first():
