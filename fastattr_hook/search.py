@@ -83,8 +83,8 @@ class VectorIndex(abc.ABC):
 
         One byte per dimension loses near ties: on 100k synthetic 768-d vectors faiss HNSW32,SQ8
         reached recall@10 0.967 at efSearch 256, and 0.991 re-ranked this way, as float32 HNSW32
-        did (0.992), from a third of its index bytes (benchmarks/results/search_scale/). A bundle keeps these vectors anyway
-        (``vectors.npy``, memory-mapped: a search reads only its candidates' rows)."""
+        did (0.992), from a third of its index bytes (benchmarks/results/search_scale/). A bundle keeps
+        these vectors anyway (``vectors.npy``, memory-mapped: a search reads only its candidates' rows)."""
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or (keys is not None and len(keys) != len(vectors)):
             raise FastattrError(f"rerank_with(): expected [n, {self.dim}] vectors and n keys, got vectors of shape "
                                 f"{vectors.shape} and {'no keys' if keys is None else f'{len(keys)} keys'}")
