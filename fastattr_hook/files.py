@@ -1,5 +1,5 @@
 """The one home of the file helpers every package shares: atomic writes, atomic folder swaps,
-staging copies and checksums.
+staging copies, writer locks and checksums.
 
 Every file fastattr writes goes through a temporary file in the same directory followed by
 ``os.replace``, so a killed job never leaves a half-written file behind.
@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import glob
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -19,7 +22,9 @@ from pathlib import Path
 from typing import IO, Iterator
 
 __all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "changed_files",
-           "link_tree", "map_npy", "sha256_file"]
+           "link_tree", "map_npy", "sha256_file", "writer_lock"]
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -122,6 +127,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock of ``path``'s writers: ``.<name>.lock`` beside it (the folder itself is
+    replaced by each change). Without it, two writers would each stage from the same state and the
+    last swap would silently undo the other's change, an opt-out above all. The kernel releases the
+    lock when its process dies, so a killed writer never leaves it held; what it left of an
+    ``atomic_dir`` change is cleaned up by the next one to hold the lock (no live writer is staging)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another fastattr command is changing it; waiting for it to finish", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir() and not path.exists():  # killed between atomic_dir's two renames: the old folder stands
+            os.replace(old, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # killed while staging
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def _exchange(a: Path, b: Path) -> bool:

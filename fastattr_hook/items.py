@@ -7,6 +7,7 @@ and drops the vectors.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from dataclasses import dataclass, fields
@@ -64,10 +65,24 @@ class ItemStore:
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._lock = threading.Lock()
         if not readonly:
-            self._conn.executescript(_SCHEMA)
+            with self._locked() as conn:
+                conn.executescript(_SCHEMA)
 
     def close(self) -> None:
         self._conn.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock; a damaged file is named, not left to sqlite's bare
+        "database disk image is malformed" (which names nothing)."""
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.IntegrityError:  # our own mistake, not the file's
+                raise
+            except sqlite3.DatabaseError as exc:
+                raise FastattrError(f"{self.path}: damaged items store ({exc}); run `fastattr index verify` on its "
+                                    "bundle, then restore or rebuild the bundle") from None
 
     def __enter__(self) -> "ItemStore":
         return self
@@ -78,7 +93,7 @@ class ItemStore:
     def insert(self, items: Iterable[tuple[Item, bytes | None]]) -> None:
         """Store (item, thumbnail PNG) pairs; each item carries the key of its vector."""
         columns = (*FIELDS, "thumbnail")
-        with self._lock, self._conn:
+        with self._locked(), self._conn:
             self._conn.executemany(
                 f"INSERT INTO items ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                 ([*(getattr(item, name) for name in FIELDS), thumbnail] for item, thumbnail in items))
@@ -87,33 +102,33 @@ class ItemStore:
         keys = [int(k) for k in keys]
         if not keys:
             return {}
-        with self._lock:
+        with self._locked():
             cursor = self._conn.execute(
                 f"SELECT {', '.join(FIELDS)} FROM items WHERE key IN ({','.join('?' * len(keys))})", keys)
             items = [Item(*row) for row in cursor]
         return {item.key: item for item in items}
 
     def thumbnail(self, key: int) -> bytes | None:
-        with self._lock:
+        with self._locked():
             row = self._conn.execute("SELECT thumbnail FROM items WHERE key = ?", (int(key),)).fetchone()
         return row[0] if row else None
 
     def removed_keys(self) -> set[int]:
-        with self._lock:
+        with self._locked():
             return {r[0] for r in self._conn.execute("SELECT key FROM items WHERE removed = 1")}
 
     def count(self, include_removed: bool = True) -> int:
         where = "" if include_removed else " WHERE removed = 0"
-        with self._lock:
+        with self._locked():
             return self._conn.execute(f"SELECT COUNT(*) FROM items{where}").fetchone()[0]
 
     def max_key(self) -> int:
-        with self._lock:
+        with self._locked():
             value = self._conn.execute("SELECT MAX(key) FROM items").fetchone()[0]
         return -1 if value is None else value
 
     def ids(self) -> Iterator[str]:
-        with self._lock:
+        with self._locked():
             rows = self._conn.execute("SELECT id FROM items").fetchall()
         return (r[0] for r in rows)
 
@@ -133,7 +148,7 @@ class ItemStore:
             params.append(license)
         if not clauses:
             raise FastattrError("nothing to remove: give ids, a creator or a license")
-        with self._lock, self._conn:
+        with self._locked(), self._conn:
             cursor = self._conn.execute(
                 f"UPDATE items SET removed = 1, removed_reason = ? WHERE removed = 0 AND ({' OR '.join(clauses)})",
                 [reason, *params])
@@ -142,7 +157,7 @@ class ItemStore:
     def delete_removed(self) -> int:
         """Delete the removed items' rows (captions, thumbnails, ...) and VACUUM, so that their bytes
         leave the file rather than linger in free pages; returns how many were deleted."""
-        with self._lock:
+        with self._locked():
             with self._conn:
                 count = self._conn.execute("DELETE FROM items WHERE removed = 1").rowcount
             self._conn.execute("VACUUM")
@@ -151,6 +166,6 @@ class ItemStore:
     def sample_keys(self, count: int, seed: int = 0) -> list[int]:
         import random
 
-        with self._lock:
+        with self._locked():
             keys = [r[0] for r in self._conn.execute("SELECT key FROM items WHERE removed = 0 ORDER BY key")]
         return sorted(random.Random(seed).sample(keys, min(count, len(keys))))

@@ -36,7 +36,7 @@ from fastattr_hook.bundle import (SCHEMA, Bundle, BundleManifest, EncoderInfo, M
                                   read_manifest)
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
-from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, link_tree
+from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, writer_lock
 from fastattr_hook.items import Item, ItemStore
 from fastattr_hook.search import VectorIndex, create_index, default_index, tune_search
 
@@ -130,6 +130,8 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
         if done and done.manifest.fingerprint == manifest_fingerprint(manifest_path) and \
                 done.encoder.fingerprint == encoder.fingerprint:
             log.info("%s: already complete (same manifest and encoder); nothing to resume", out)
+            if rank == 0:  # killed after the swap, before its work folder went
+                shutil.rmtree(work, ignore_errors=True)
             return done if rank == 0 else None
         raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
@@ -145,7 +147,9 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
                             f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
     vectors, items, rejects = _merge_chunks(work, accepted)
     backend, params = (options.backend, options.backend_params) if options.backend else default_index(len(vectors))
-    with atomic_dir(out) as tmp:
+    with writer_lock(out), atomic_dir(out) as tmp:
+        if out.exists():  # checked again, under the lock: two builds into one --out must not swap in turn
+            raise FastattrError(f"{out}: another build wrote it while this one embedded; choose another --out")
         index = create_index(backend, encoder.dim, params, n_items_hint=len(vectors))
         save_yaml_dict(relocated_spec(encoder.spec, encoder_spec.parent.resolve(), out), tmp / Bundle.ENCODER)
         recall = _append(tmp, tmp / Bundle.INDEX, index, np.zeros(0, np.int64),
@@ -163,6 +167,10 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
         Bundle(tmp, manifest).finish()
     shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+# What add and compact read back into the files they write anew (vectors.npy with the old rows, ...).
+REWRITTEN = (Bundle.ITEMS, Bundle.VECTORS, Bundle.KEYS, Bundle.REJECTS)
 
 
 def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: BuildOptions | None = None,
@@ -199,12 +207,14 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     vectors, items, rejects = _merge_chunks(work, accepted)
     backend, params = (current.backend, current.backend_params) if current.backend != "exact" \
         else default_index(len(vectors))
-    with atomic_dir(bundle_dir) as tmp:
-        link_tree(bundle_dir, tmp, copy=(Bundle.ITEMS,))
-        staged = Bundle(tmp, current)
+    with Bundle.change(bundle_dir, reads=REWRITTEN) as staged:
+        if staged.manifest.manifest.accepted != current.manifest.accepted:  # removals and compaction keep keys
+            raise FastattrError(f"{bundle_dir}: another `fastattr index add` changed it while this one embedded, so "
+                                f"this add's keys are taken; delete {work} and run it again")
+        current = staged.manifest
         shard = create_index(backend, encoder.dim, params, n_items_hint=len(vectors))
         name = staged.new_shard_name()
-        _append(tmp, staged.shard_path(name), shard, staged.vector_keys(), staged.vectors(), vectors, items,
+        _append(staged.path, staged.shard_path(name), shard, staged.vector_keys(), staged.vectors(), vectors, items,
                 staged.rejects() + rejects, bundle_dir, first_key=first_key)
         current.shards.append(ShardInfo(
             name=name, backend=backend, backend_params=dict(shard.params), dtype=shard.storage, items=len(vectors),
@@ -213,7 +223,6 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
         current.manifest.rejected += len(rejects)
-        staged.finish()
     shutil.rmtree(work, ignore_errors=True)
     return current
 
@@ -247,9 +256,8 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
                         deleted=0, items_after=current.items, backend=current.backend)
     if not removed and not current.shards and backend is None and backend_params is None:
         return result
-    with atomic_dir(bundle.path) as tmp:
-        link_tree(bundle.path, tmp, copy=(Bundle.ITEMS,))
-        staged = Bundle(tmp, current)
+    with Bundle.change(bundle.path, reads=REWRITTEN) as staged:
+        current, tmp = staged.manifest, staged.path
         with staged.items(writable=True) as store:  # the staged copy: items, vectors and index stay one snapshot
             removed_keys = np.array(sorted(store.removed_keys()), dtype=np.int64)
             keys = staged.vector_keys()
@@ -278,7 +286,6 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
         current.backend, current.backend_params, current.dtype = backend, dict(index.params), index.storage
         current.recall_at_10 = round(recall, 4)
         current.items, current.dropped, current.shards = len(keys), current.dropped + deleted, []
-        staged.finish()
     return dataclasses.replace(result, changed=True, deleted=deleted, items_after=len(keys), backend=backend)
 
 

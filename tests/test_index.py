@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -18,8 +19,9 @@ from PIL import Image
 from fastattr_hook.attributor import Attributor
 from fastattr_hook.bundle import Bundle, read_manifest
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.files import writer_lock
 from index_tools import build as build_mod
-from index_tools.build import BuildOptions, add_to_bundle, build_bundle
+from index_tools.build import BuildOptions, add_to_bundle, build_bundle, compact_bundle
 from index_tools.optout import remove_items
 from index_tools.verify import verify_bundle
 
@@ -234,6 +236,33 @@ def test_tampering_and_wrong_encoder_are_detected(exact_bundle, tmp_path):
         conn.execute("UPDATE items SET creator = 'Mallory' WHERE key = 3")
     report = verify_bundle(copy)
     assert not report.ok and "items.sqlite changed (checksum mismatch)" in report.format()
+    with pytest.raises(FastattrError, match="items.sqlite: changed since the bundle was written; run `fastattr index "
+                                            "verify"):
+        Attributor.from_bundle(copy)  # a small file: checked on every open
+    # a change never re-seals a tampered items store (the remove would vouch for Mallory)
+    with pytest.raises(FastattrError, match="items.sqlite: changed since the bundle was written, so the bundle "
+                                            "cannot be changed"):
+        remove_items(copy, ids=["any"])
+    assert not verify_bundle(copy).ok
+
+    shutil.rmtree(copy)
+    shutil.copytree(exact_bundle, copy)
+    keys = np.load(copy / "index" / "keys.npy")
+    np.save(copy / "index" / "keys.npy", keys[::-1])  # every credit to the wrong item, silently
+    with pytest.raises(FastattrError, match=r"index/keys.npy: changed since the bundle was written"):
+        Attributor.from_bundle(copy)
+    np.save(copy / "vectors.npy", np.load(copy / "vectors.npy")[::-1])  # what compact and add read back
+    with pytest.raises(FastattrError, match="vectors.npy: changed since the bundle was written, so the bundle cannot "
+                                            "be changed"):
+        compact_bundle(copy, backend="exact")
+
+    shutil.rmtree(copy)
+    shutil.copytree(exact_bundle, copy)
+    manifest = (copy / "bundle.yaml").read_text()
+    unsealed = re.sub(r"(?m)^seal: .*\n", "", manifest).replace("temperature: ", "temperature: 1")
+    (copy / "bundle.yaml").write_text(unsealed)  # the seal line deleted with the edit it would reveal
+    with pytest.raises(FastattrError, match="bundle.yaml: edited after the bundle was written \\(its seal is missing\\)"):
+        Attributor.from_bundle(copy)
 
     shutil.rmtree(copy)
     shutil.copytree(exact_bundle, copy)
@@ -245,7 +274,7 @@ def test_tampering_and_wrong_encoder_are_detected(exact_bundle, tmp_path):
     spec = (copy / "encoder.yaml").read_text()
     (copy / "encoder.yaml").write_text(spec.replace("sandbox-tiny-clip-untuned", "another-encoder"))
     assert not verify_bundle(copy).ok
-    with pytest.raises(FastattrError, match="encoder.yaml: changed or missing since the bundle was built"):
+    with pytest.raises(FastattrError, match="encoder.yaml: changed since the bundle was written"):
         Attributor.from_bundle(copy)
 
     result = subprocess.run([sys.executable, "-m", "fastattr_cli", "index", "verify", str(copy)],
@@ -273,18 +302,61 @@ def test_opt_out_takes_effect_at_once(exact_bundle, sandbox, tmp_path, rows):
 def test_refresh_follows_a_bundle_replaced_by_add(exact_bundle, sandbox, tmp_path, rows):
     copy = tmp_path / "b"
     shutil.copytree(exact_bundle, copy)
-    attributor = Attributor.from_bundle(copy)
+    attributor, stale = Attributor.from_bundle(copy), Bundle.open(copy)
     data = sandbox / "data"
     extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:3]]
     (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
     add_to_bundle(copy, tmp_path / "more.jsonl", _options())  # swaps in a new bundle folder
+    index, _ = stale.serve()  # bundle.yaml read just before the swap: the bundle as it is now, not "damaged"
+    assert len(index) == stale.manifest.items == len(rows) + 3
     remove_items(copy, ids=[rows[0]["id"], extra[0]["id"]])  # ... and opts out of two items in it
     attributor.refresh()
     assert attributor.manifest.items == len(rows) + 3
     image = Image.open(data / rows[0]["image"])
     credits = attributor.attribute([image], [rows[0]["caption"]], k=5)[0].credits
     assert {c.id for c in credits}.isdisjoint({rows[0]["id"], extra[0]["id"]})  # an item removed after add stays out
-    assert not list(copy.parent.glob(".b.*"))  # no leftover of the swap
+    assert [p.name for p in copy.parent.glob(".b.*")] == [".b.lock"]  # no leftover of the swap; the writers' lock stays
+
+
+def test_concurrent_writers_queue_and_no_opt_out_is_lost(exact_bundle, sandbox, tmp_path, rows, monkeypatch):
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    with writer_lock(copy):  # another writer holds the bundle: a remove waits for it, then applies to the latest
+        waiting = threading.Thread(target=remove_items, args=(copy,), kwargs={"ids": [rows[0]["id"]]})
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()
+    waiting.join()
+
+    # An opt-out that lands while an add embeds survives the add's swap.
+    data = sandbox / "data"
+    extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:3]]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    merge = build_mod._merge_chunks
+
+    def opt_out_meanwhile(*args):
+        remove_items(copy, ids=[rows[1]["id"]])
+        return merge(*args)
+
+    monkeypatch.setattr(build_mod, "_merge_chunks", opt_out_meanwhile)
+    add_to_bundle(copy, tmp_path / "more.jsonl", _options())
+    with Bundle.open(copy).items() as store:
+        assert {i.id for i in store.get(store.removed_keys()).values()} == {rows[0]["id"], rows[1]["id"]}
+        assert store.count() == len(rows) + 3
+    assert verify_bundle(copy).ok
+
+    # Items added meanwhile by another writer (a second add resuming this one's work folder) took the keys
+    # this add was given: refused rather than two items under one key.
+    def add_meanwhile(*args):
+        with Bundle.change(copy) as staged:
+            staged.manifest.manifest.accepted += 1
+        return merge(*args)
+
+    monkeypatch.setattr(build_mod, "_merge_chunks", add_meanwhile)
+    extra = [dict(r, id=r["id"] + "-third", image=str(data / r["image"])) for r in rows[:2]]
+    (tmp_path / "third.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+    with pytest.raises(FastattrError, match="another `fastattr index add` changed it while this one embedded"):
+        add_to_bundle(copy, tmp_path / "third.jsonl", _options())
 
 
 def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_path, rows):
@@ -351,10 +423,7 @@ def test_add_with_nothing_new_leaves_the_bundle_unchanged(sandbox, exact_bundle,
     assert not (tmp_path / "bundle.add.partial").exists()
 
 
-def test_serving_refuses_a_damaged_bundle_by_name(exact_bundle, tmp_path):
-    import shutil
-    import sqlite3
-
+def test_serving_refuses_a_damaged_bundle_by_name(exact_bundle, tmp_path, monkeypatch):
     def copy(name):
         target = tmp_path / name
         shutil.copytree(exact_bundle, target)
@@ -367,14 +436,29 @@ def test_serving_refuses_a_damaged_bundle_by_name(exact_bundle, tmp_path):
         Attributor.from_bundle(edited, device="cpu")
     assert not verify_bundle(edited).ok
 
-    corrupt = copy("corrupt")  # a damaged items store: a clear error, not "database disk image is malformed"
+    corrupt = copy("corrupt")  # small files are checksummed on every open
     (corrupt / "items.sqlite").write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
-    with pytest.raises(FastattrError, match="corrupt: damaged .*run `fastattr index verify"):
+    with pytest.raises(FastattrError, match="corrupt/items.sqlite: changed since .*run `fastattr index verify"):
         Attributor.from_bundle(corrupt, device="cpu")
+
+    # Files too large to hash on every open (here: all of them) get the structural checks.
+    monkeypatch.setattr(Bundle, "CHECKED_ON_OPEN", -1)
+    with pytest.raises(FastattrError, match="items.sqlite: damaged items store .*run `fastattr index verify"):
+        Attributor.from_bundle(corrupt, device="cpu")  # not sqlite's bare "file is not a database"
 
     short = copy("short")  # rows deleted behind the bundle's back
     with sqlite3.connect(short / "items.sqlite") as db:
         db.execute("DELETE FROM items WHERE key < 3")
     with pytest.raises(FastattrError, match="items store 157 disagree"):
         Attributor.from_bundle(short, device="cpu")
+
+    pages = copy("pages")  # the table's pages damaged: found on open or by the first lookup, named either way
+    with sqlite3.connect(pages / "items.sqlite") as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'items'").fetchone()[0]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    with open(pages / "items.sqlite", "r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xff" * page_size)
+    with pytest.raises(FastattrError, match="pages/items.sqlite: damaged items store .*run `fastattr index verify"):
+        Attributor.from_bundle(pages, device="cpu").attribute([Image.new("RGB", (32, 32))], ["a red circle"], k=5)
 

@@ -1,6 +1,8 @@
-"""SIGKILL at random moments of `fastattr index remove` and `index add` (issue 15): the bundle is
-always the one before or the one after the change, verifies, and serves. A few kills here, 20 of
-each in the slow lane."""
+"""SIGKILL at random moments of `fastattr index build`, `add`, `remove` and `compact` (issue 15): the
+bundle is always the one before or the one after the change (a build: none, or the whole one),
+verifies and serves, and running the command again finishes the change and cleans up what the killed
+one left. One kill of add and of remove here, 20 of each command in the slow lane
+(`python -m pytest -q -m slow tests/test_kills.py`)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from fastattr_hook.attributor import Attributor
 from fastattr_hook.bundle import Bundle
 from index_tools.build import BuildOptions, build_bundle
+from index_tools.optout import remove_items
 from index_tools.verify import verify_bundle
 
 
@@ -36,8 +39,10 @@ def _cli(*args):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _state(path) -> tuple[int, frozenset]:
-    """What a remove or an add changes: the item count and the removed ids."""
+def _state(path) -> tuple[int, frozenset] | None:
+    """What a change changes: the item count and the removed ids; None without a bundle (before a build)."""
+    if not (path / Bundle.MANIFEST).is_file():
+        return None
     b = Bundle.open(path)
     with b.items() as store:
         return store.count(), frozenset(item.id for item in store.get(store.removed_keys()).values())
@@ -54,13 +59,20 @@ def extra_manifest(micro_sandbox, tmp_path_factory):
     return path
 
 
-def _kill_at_random_moments(bundle, tmp_path, name: str, command, kills: int, seed: int) -> dict[str, int]:
-    """Run ``command(bundle copy)`` once whole (its duration and the 'after' state), then ``kills``
-    times killed at a random moment: each time the copy is exactly before or after, verifies, serves.
-    Copies sit at the bundle's depth, so its relative encoder paths still resolve."""
-    before = _state(bundle)
-    timed = tmp_path / f"{name}-timed"
-    shutil.copytree(bundle, timed)
+def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, seed: int,
+                            rerun=None) -> dict[str, int]:
+    """Run ``command(target)`` on a copy of ``source`` (None: no bundle yet, for a build) once whole
+    (its duration and the 'after' state), then ``kills`` times killed at a random moment: each time
+    the target is exactly before or after, verifies and serves; then ``rerun(target)`` (default:
+    ``command``) finishes the change and leaves nothing of the killed one behind. Targets sit at the
+    source's depth, so its relative encoder paths still resolve."""
+    def fresh(target):
+        if source is not None:
+            shutil.copytree(source, target)
+        return target
+
+    before = _state(source) if source is not None else None
+    timed = fresh(tmp_path / f"{name}-timed")
     start = time.perf_counter()
     command(timed).wait()
     duration = time.perf_counter() - start
@@ -69,8 +81,7 @@ def _kill_at_random_moments(bundle, tmp_path, name: str, command, kills: int, se
     rng = np.random.default_rng(seed)
     outcomes = {"before": 0, "after": 0}
     for n in range(kills):
-        target = tmp_path / f"{name}{n}"
-        shutil.copytree(bundle, target)
+        target = fresh(tmp_path / f"{name}{n}")
         process = command(target)
         time.sleep(rng.uniform(0.5, 1.05) * duration)  # imports take the first half
         process.send_signal(signal.SIGKILL)
@@ -78,14 +89,19 @@ def _kill_at_random_moments(bundle, tmp_path, name: str, command, kills: int, se
         state = _state(target)
         assert state in (before, after), state  # all or nothing
         outcomes["after" if state == after else "before"] += 1
-        assert verify_bundle(target).ok, verify_bundle(target).format()  # checksums never stale
-        attributor = Attributor.from_bundle(target, device="cpu")  # no "readonly database", no hot journal
-        vectors = np.asarray(Bundle.open(target).vectors()[:4])
-        keys, _ = attributor.search(vectors, 3)
-        assert (keys >= 0).all()
-        for leftover in tmp_path.glob(f".{name}{n}.*"):  # a killed update may leave its staging folder beside the
-            shutil.rmtree(leftover)                  # bundle (and add its resumable work), never inside it
-        shutil.rmtree(tmp_path / f"{name}{n}.add.partial", ignore_errors=True)
+        if state is not None:
+            assert verify_bundle(target).ok, verify_bundle(target).format()  # checksums never stale
+            attributor = Attributor.from_bundle(target, device="cpu")  # no "readonly database", no hot journal
+            vectors = np.asarray(Bundle.open(target).vectors()[:4])
+            keys, _ = attributor.search(vectors, 3)
+            assert (keys >= 0).all()
+        assert (rerun or command)(target).wait() == 0
+        assert _state(target) == after
+        if name == "build":  # resumed, it is the uninterrupted build, file for file
+            assert Bundle.open(target).manifest.files == Bundle.open(timed).manifest.files
+        # the staging folder of the killed change went with the rerun; its resumable work too
+        assert [p.name for p in tmp_path.glob(f".{name}{n}.*")] in ([], [f".{name}{n}.lock"])
+        assert not list(tmp_path.glob(f"{name}{n}.*partial"))
         shutil.rmtree(target)
     return outcomes
 
@@ -94,18 +110,44 @@ def _remove(target):
     return _cli("remove", target, "--ids", *IDS)
 
 
+@pytest.fixture(scope="module")
+def removed(bundle, tmp_path_factory):
+    """The bundle with IDS removed: what `index compact` deletes for good."""
+    out = tmp_path_factory.mktemp("removed") / "b"
+    shutil.copytree(bundle, out)
+    remove_items(out, ids=IDS)
+    return out
+
+
+def _commands(micro_sandbox, extra_manifest):
+    """name -> (source bundle fixture name or None, command, rerun or None)."""
+    manifest, encoder = micro_sandbox / "data" / "manifest.jsonl", micro_sandbox / "encoder.yaml"
+    build = ["build", "--manifest", manifest, "--encoder", encoder, "--backend", "exact", "--out"]
+    return {
+        "build": (None, lambda t: _cli(*build, t), lambda t: _cli(*build, t, "--resume")),
+        "add": ("bundle", lambda t: _cli("add", t, "--manifest", extra_manifest),
+                lambda t: _cli("add", t, "--manifest", extra_manifest, "--resume")),
+        "remove": ("bundle", _remove, None),
+        "compact": ("removed", lambda t: _cli("compact", t), None),
+    }
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_a_killed_remove_or_add_changes_all_or_nothing(bundle, extra_manifest, tmp_path):
-    assert sum(_kill_at_random_moments(bundle, tmp_path, "remove", _remove, kills=3, seed=0).values()) == 3
-    add = lambda target: _cli("add", target, "--manifest", extra_manifest)  # noqa: E731
-    assert sum(_kill_at_random_moments(bundle, tmp_path, "add", add, kills=3, seed=0).values()) == 3
+@pytest.mark.parametrize("name", ["add", "remove"])  # build and compact in the slow lane: ~30 s a kill here
+def test_a_killed_change_is_all_or_nothing_and_a_rerun_finishes_it(name, request, micro_sandbox, extra_manifest,
+                                                                   tmp_path):
+    source, command, rerun = _commands(micro_sandbox, extra_manifest)[name]
+    source = request.getfixturevalue(source) if source else None
+    outcomes = _kill_at_random_moments(source, tmp_path, name, command, kills=1, seed=0, rerun=rerun)
+    assert sum(outcomes.values()) == 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_twenty_kills_of_remove_and_of_add(bundle, extra_manifest, tmp_path):
-    removes = _kill_at_random_moments(bundle, tmp_path, "remove", _remove, kills=20, seed=1)
-    add = lambda target: _cli("add", target, "--manifest", extra_manifest)  # noqa: E731
-    adds = _kill_at_random_moments(bundle, tmp_path, "add", add, kills=20, seed=1)
-    print(f"20 SIGKILLs of `index remove`: {removes}; 20 of `index add`: {adds}")
-    assert sum(removes.values()) == sum(adds.values()) == 20
+@pytest.mark.parametrize("name", ["build", "add", "remove", "compact"])
+def test_twenty_kills_of_each_change(name, request, micro_sandbox, extra_manifest, tmp_path):
+    source, command, rerun = _commands(micro_sandbox, extra_manifest)[name]
+    source = request.getfixturevalue(source) if source else None
+    outcomes = _kill_at_random_moments(source, tmp_path, name, command, kills=20, seed=1, rerun=rerun)
+    print(f"20 SIGKILLs of `index {name}`: {outcomes}")
+    assert sum(outcomes.values()) == 20
