@@ -13,6 +13,7 @@ from .attribution import Attribution, Credit, softmax_shares
 from .bundle import Bundle, BundleManifest
 from .encoder import Encoder
 from .errors import FastattrError
+from .inputs import check_text
 from .items import ItemStore
 
 
@@ -72,6 +73,8 @@ class Attributor:
             raise FastattrError(f"got {len(images)} images but {len(prompts)} prompts")
         if k < 1:
             raise FastattrError(f"k must be >= 1, got {k}")
+        for i, prompt in enumerate(prompts):  # what a tokenizer would choke on, named (the manifest's rule)
+            check_text(prompt, f"prompts[{i}]", "the prompt")
         start = time.perf_counter()
         vectors = self.encoder.embed(list(images), list(prompts), role="query")
         encoded = time.perf_counter()

@@ -38,9 +38,16 @@ def _build_options(args):
 def _index_build(args) -> int:
     from index_tools.build import build_bundle
 
+    # build_bundle returns for an existing --out only when resuming a finished build of the same manifest
+    # and encoder (it refuses any other); its own note of that goes to a log the command line does not show
+    finished = args.resume and Path(args.out).exists()
     manifest = build_bundle(args.manifest, args.encoder, args.out, _build_options(args), resume=args.resume,
                             name=args.name)
-    if manifest is not None:
+    if manifest is None:
+        return 0
+    if finished:
+        print(f"{args.out}: already complete ({manifest.items} items); nothing to do")
+    else:
         print(f"{args.out}: {manifest.items} items ({manifest.manifest.rejected} rows rejected, see "
               f"{Path(args.out) / 'rejects.jsonl'}), backend {manifest.backend}, dim {manifest.dim}")
     return 0
@@ -126,7 +133,7 @@ def register(commands) -> None:
     p.add_argument("--manifest", required=True, help="JSONL/CSV/Parquet manifest, or webdataset .tar shard(s)")
     p.add_argument("--encoder", required=True, help="encoder spec YAML")
     p.add_argument("--out", required=True, help="bundle directory to create")
-    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact below 50,000 items, else faiss HNSW32 where faiss is installed, else usearch")
+    p.add_argument("--backend", choices=["exact", "usearch", "faiss"], help="default: exact below 50,000 items, else faiss HNSW32,SQ8 where faiss is installed, else usearch i8 (both re-ranked)")
     p.add_argument("--backend-param", action="append", metavar="KEY=VALUE",
                    help="e.g. dtype=f16, connectivity=32, factory=IVF256,PQ16, nprobe=16")
     p.add_argument("--name", help="the bundle's name, recorded in every credit (default: the --out folder name)")

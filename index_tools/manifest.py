@@ -27,7 +27,6 @@ import io
 import json
 import os
 import re
-import stat
 import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -35,12 +34,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping, TextIO
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.files import sha256_file
+from fastattr_hook.inputs import (MAX_IMAGE_BYTES, MAX_TEXT_CHARS, InputRejected, check_text, decode_image,
+                                  read_image_bytes)
 from fastattr_hook.items import FIELDS, Item
 
 __all__ = [
@@ -60,14 +60,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 PARQUET_BATCH_ROWS = 4096
 _FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".tar": "tar"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# Read limits: one hostile row must never exhaust memory or hang a build (each is a rejected row).
-MAX_TEXT_CHARS = 100_000  # any text value; the same in every format (CSV's own field limit is 131,072)
+# Read limits: one hostile row must never exhaust memory or hang a build (each is a rejected row). Text
+# values and images follow ``fastattr_hook.inputs``, the rule ``fastattr attribute`` applies to its inputs too.
 # One JSONL line (bytes) or CSV line (characters), read in pieces of this size: a multi-GB line is never
-# held whole. Room for several captions of MAX_TEXT_CHARS even \u-escaped (6 bytes a character).
+# held whole. Room for several captions of MAX_TEXT_CHARS even \u-escaped (6 bytes a character). A shard's
+# .json metadata member is held to it as well.
 MAX_LINE = 8 * 2**20
-MAX_IMAGE_BYTES = 64 * 2**20
-MAX_IMAGE_PIXELS = 64 * 2**20  # decoded pixels; checked from the header, before decoding
-MAX_ASPECT = 32  # longest side / shortest side: the encoders resize the shortest side up to ~224
+MAX_TEXT_BYTES = 4 * MAX_TEXT_CHARS  # a shard's .txt caption member: UTF-8 takes at most 4 bytes a character
+_TEXT_MEMBER_BYTES = {"txt": MAX_TEXT_BYTES, "json": MAX_LINE}  # what a shard's text members are read up to
 
 
 class RowRejected(Exception):
@@ -126,13 +126,13 @@ class ImageRef:
     def read(self, source: str) -> bytes:
         """The image's bytes; every failure is a ``RowRejected`` naming ``source``."""
         if self.member is None:
-            return _read_file(self.path, source, "image", "relative paths are resolved "
-                              "against the manifest's folder; fix the path or remove the row")
+            return _read_file(self.path, source, "image", "relative paths are resolved against the manifest's "
+                                                          "folder; fix the path")
         if self.span is None:
             return self._scan(source)
         offset, size = self.span
-        data = _read_file(self.path, source, "tar shard", "it moved after the manifest was read; "
-                          "restore it or rebuild", offset=offset, size=size)
+        data = _read_file(self.path, source, "tar shard", "it moved after the manifest was read; restore it or "
+                                                          "rebuild", offset=offset, size=size)
         if len(data) != size:
             raise RowRejected("corrupt_image", f"{source}: member {self.member} is cut short in {self.path} "
                                                f"(truncated shard); re-download or re-create the shard")
@@ -173,7 +173,8 @@ class ManifestRow(Item):
         return (self.caption, *self.more_captions)
 
     def load_image(self) -> Image.Image:
-        """The image fully decoded as RGB, so truncated files fail here and not inside a batch."""
+        """The image fully decoded as RGB under the limits of ``fastattr_hook.inputs``, so truncated
+        files and bombs fail here and not inside a batch."""
         data = self.image.read(self.source)
         if self.sha256 is not None:
             actual = hashlib.sha256(data).hexdigest()
@@ -185,67 +186,23 @@ class ManifestRow(Item):
                     f"restore the image or fix the sha256, or remove the row",
                 )
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                self._check_size(*image.size)
-                image.load()
-                return as_rgb(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            detail = "not a known image format" if isinstance(exc, UnidentifiedImageError) else exc
-            raise RowRejected(
-                "corrupt_image",
-                f"{self.source}: image {self.image} cannot be decoded ({detail}); "
-                f"re-download or re-encode it, or remove the row",
-            ) from None
-
-    def _check_size(self, width: int, height: int) -> None:
-        """From the header alone: a decompression bomb or a 3,000,000 x 1 strip (whose resize to the
-        encoder's 224-pixel short side would need gigabytes) is a rejected row, not a MemoryError."""
-        if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_ASPECT * max(1, min(width, height)):
-            raise RowRejected("corrupt_image", f"{self.source}: image {self.image} is {width} x {height} pixels "
-                                               f"(at most {MAX_IMAGE_PIXELS >> 20} Mpixels and an aspect ratio of "
-                                               f"{MAX_ASPECT}:1); crop or resize it, or remove the row")
+            return decode_image(data, self.source, f"image {self.image}")
+        except InputRejected as exc:
+            raise _row_error(exc) from None
 
 
-def as_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB the way a viewer shows the image: EXIF orientation applied, 16- and 32-bit
-    greyscale scaled down (Pillow's own ``convert`` clips them to white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
-        image = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
+def _row_error(exc: InputRejected) -> RowRejected:
+    """The shared input rule's verdict on a row: its message, plus the row's own way out."""
+    return RowRejected(exc.reason, f"{exc}, or remove the row")
 
 
 def _read_file(path: str, source: str, what: str, fix: str, offset: int = 0, size: int = -1) -> bytes:
-    """At most ``MAX_IMAGE_BYTES`` of a regular file. Opened non-blocking and checked with fstat, so a
-    FIFO, a device (``/dev/zero``) or a folder is a rejected row, never a hang."""
-    if "\x00" in path:
-        raise RowRejected("bad_row", f"{source}: the {what} path contains a NUL byte; fix the path or remove the row")
+    """``read_image_bytes`` for a row: a FIFO, a device, a folder or a file over ``MAX_IMAGE_BYTES`` is a
+    rejected row, never a hang."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise RowRejected("unreadable_image", f"{source}: {what} {path} is not a regular file; point the "
-                                                      f"row at an image file or remove it")
-            f.seek(offset)
-            limit = MAX_IMAGE_BYTES if size < 0 else min(size, MAX_IMAGE_BYTES + 1)
-            data = f.read(limit + 1 if size < 0 else limit)
-            if len(data) > MAX_IMAGE_BYTES:
-                raise RowRejected("unreadable_image", f"{source}: {what} {path} is larger than "
-                                                      f"{MAX_IMAGE_BYTES >> 20} MiB; shrink it or remove the row")
-            return data
-    except FileNotFoundError:
-        raise RowRejected(
-            "missing_image",
-            f"{source}: {what} not found at {path}; {fix}",
-        ) from None
-    except OSError as exc:
-        raise RowRejected(
-            "unreadable_image",
-            f"{source}: cannot read {what} {path} ({exc.strerror or exc}); "
-            f"fix its permissions or path, or remove the row",
-        ) from None
+        return read_image_bytes(path, source, f"{what} {path}", f"{what} not found at {path}; {fix}", offset, size)
+    except InputRejected as exc:
+        raise _row_error(exc) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,11 +348,14 @@ class _LineTooLong(Exception):
 
 
 class _Lines:
-    """A file's lines with push-back, so that the CSV reader can parse lines again. ``ended``: the
-    reader asked for a line past the end of the file; if it still returns a record, a quote was left open."""
+    """A file's lines with push-back, so that the CSV reader can parse lines again (an over-long line
+    is pushed back as its ``_LineTooLong``, raised again). ``taken``: the lines of the record being read.
+    ``ended``: the reader asked for a line past the end of the file; if it still returns a record, a
+    quote was left open."""
 
     def __init__(self, file: TextIO) -> None:
-        self.file, self.pushed, self.taken, self.ended = file, deque(), [], False
+        self.file, self.taken, self.ended = file, [], False
+        self.pushed: deque[str | _LineTooLong] = deque()
 
     def __iter__(self) -> _Lines:
         return self
@@ -403,6 +363,8 @@ class _Lines:
     def __next__(self) -> str:
         if self.pushed:
             line = self.pushed.popleft()
+            if isinstance(line, _LineTooLong):
+                raise line
         else:
             line = self.file.readline(MAX_LINE + 1)
             if not line:
@@ -419,8 +381,26 @@ def _swallowed_rows(values: list[str], width: int) -> bool:
     return any(len(next(csv.reader([line]), [])) == width for v in values for line in v.splitlines()[1:])
 
 
+def _open_quote(values: list[str] | None, error: csv.Error | None, lines: _Lines, width: int) -> str | None:
+    """How far a quote left open ran (for the message), or None. A record over several lines is kept
+    only when it reads as one good record; else its quote took lines that are rows of their own."""
+    span = len(lines.taken)
+    if lines.ended:
+        return "to the end of the file"
+    if span < 2:
+        return None
+    ran = f"over {span - 1:,} more lines"
+    if error is not None:  # e.g. "field larger than field limit (131072)": 128 KiB of swallowed lines
+        return f"{ran}: {error}"
+    if _swallowed_rows(values, width):
+        return ran
+    return f"{ran}, leaving {len(values)} fields where the header has {width}" if len(values) != width else None
+
+
 def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection]:
-    # Bytes that are not UTF-8 decode to lone surrogates, rejected with their row by ``_check_text``.
+    """Every line ends up in an accepted or a rejected row: a record that cannot be one row rejects
+    only its first line, and its other lines are read again as rows of their own."""
+    # Bytes that are not UTF-8 decode to lone surrogates, rejected with their row by ``check_text``.
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         lines = _Lines(f)
         reader = csv.reader(lines)
@@ -429,41 +409,48 @@ def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection
         while True:
             source = f"{path.name}:{number}"
             lines.taken, lines.ended = [], False
+            values, error = None, None
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield Rejection(number, source, None, "bad_row",
-                                f"{source}: not valid CSV ({exc}); fix the quoting or remove the row")
-                number += max(1, len(lines.taken))
-                continue
+                error = exc
             except _LineTooLong as exc:
-                long_line = number + len(lines.taken)  # the record may have begun on an earlier line
-                which = "the line" if long_line == number else f"line {long_line} of the row"
-                yield Rejection(number, source, None, "bad_row",
-                                f"{source}: {which} is {exc.size:,} characters (at most {MAX_LINE:,}); "
-                                f"shorten its values or remove the row")
-                number = long_line + 1
+                yield _long_line(exc, lines, number, source)
+                number += 1
                 continue
-            span = len(lines.taken)
-            if lines.ended or (span > 1 and _swallowed_rows(values, len(header))):
+            ran = _open_quote(values, error, lines, len(header))
+            if ran is not None:
                 lines.pushed.extendleft(reversed(lines.taken[1:]))  # read those lines again as their own rows
-                ran = "to the end of the file" if lines.ended else f"over {span - 1} more lines"
                 yield Rejection(number, source, None, "bad_row",
                                 f"{source}: a quote opened here is not closed (the field ran {ran}); "
                                 f"close the quote or remove the row")
                 number += 1
                 continue
+            span = max(1, len(lines.taken))
             number += span
-            if not values:
-                continue  # blank line
-            if len(values) != len(header):
+            if error is not None:
+                yield Rejection(number - span, source, None, "bad_row",
+                                f"{source}: not valid CSV ({error}); fix the quoting or remove the row")
+            elif values and len(values) != len(header):
                 yield Rejection(number - span, source, None, "bad_row",
                                 f"{source}: {len(values)} fields but the header has {len(header)}; "
                                 f"quote fields that contain commas, or remove the row")
-                continue
-            yield _file_row(dict(zip(header, values)), number - span, source, path.parent)
+            elif values:  # not a blank line
+                yield _file_row(dict(zip(header, values)), number - span, source, path.parent)
+
+
+def _long_line(exc: _LineTooLong, lines: _Lines, number: int, source: str) -> Rejection:
+    """The rejection for line ``number``, when it or a later line of its record is over ``MAX_LINE``
+    (already skipped). In the later case the lines in between, then the long line, are read again."""
+    if not lines.taken:
+        return Rejection(number, source, None, "bad_row", f"{source}: the line is {exc.size:,} characters (at most "
+                                                          f"{MAX_LINE:,}); shorten its values or remove the row")
+    lines.pushed.extendleft(reversed([*lines.taken[1:], exc]))
+    return Rejection(number, source, None, "bad_row",
+                     f"{source}: a quote opened here is still open at line {number + len(lines.taken)}, which is "
+                     f"{exc.size:,} characters (at most {MAX_LINE:,}); close the quote or remove the row")
 
 
 def _parquet_file(path: Path) -> Any:
@@ -536,8 +523,8 @@ def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     yield key, parts
                 key, parts = member_key, {}
             extension = extension.lower()
-            if extension in ("txt", "json"):  # capped: a huge member becomes a too-long caption, not a MemoryError
-                parts[extension] = tar.extractfile(member).read(4 * MAX_TEXT_CHARS + 1)
+            if extension in _TEXT_MEMBER_BYTES:  # capped: a huge member is a rejected row, not a MemoryError
+                parts[extension] = tar.extractfile(member).read(_TEXT_MEMBER_BYTES[extension] + 1)
             elif extension in IMAGE_EXTENSIONS and "image" not in parts:
                 parts["image"] = member
         if key is not None:
@@ -551,18 +538,14 @@ def _tar_row(shard: Path, key: str, parts: dict[str, Any], number: int) -> Manif
     source = f"{shard.name}:{key}"
     fields: dict[str, Any] = {}
     try:
-        meta = _tar_json(parts.get("json"), source)
+        meta = _tar_json(parts.get("json"), source, f"{key}.json")
         fields = {name: meta.get(name) for name in OPTIONAL_COLUMNS}
         fields["id"] = _first(meta, "id", "key")
         if fields["id"] is None:
             fields["id"] = f"{shard.stem}/{key}"
         fields["source_url"] = _first(meta, "source_url", "url")
         if "txt" in parts:
-            try:
-                fields["caption"] = parts["txt"].decode("utf-8")
-            except UnicodeDecodeError:
-                raise RowRejected("bad_row", f"{source}: {key}.txt is not UTF-8 text; "
-                                             f"re-save the caption as UTF-8") from None
+            fields["caption"] = _tar_caption(parts["txt"], f"{key}.txt", source)
         elif "caption" in meta:
             fields["caption"] = meta["caption"]
         member = parts.get("image")
@@ -574,9 +557,25 @@ def _tar_row(shard: Path, key: str, parts: dict[str, Any], number: int) -> Manif
         return Rejection(number, source, _id_or_none(fields), exc.reason, exc.message)
 
 
-def _tar_json(data: bytes | None, source: str) -> dict[str, Any]:
+def _tar_caption(data: bytes, name: str, source: str) -> str:
+    """A .txt member read up to ``MAX_TEXT_BYTES + 1``: more is too long for any caption, whatever it
+    holds (the cut may fall inside a character, which is no reason to call the text not UTF-8)."""
+    if len(data) > MAX_TEXT_BYTES:
+        raise RowRejected("bad_row", f"{source}: {name} is over {MAX_TEXT_BYTES:,} bytes, more than a caption "
+                                     f"can hold (at most {MAX_TEXT_CHARS:,} characters); shorten it or drop the sample")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RowRejected("bad_row", f"{source}: {name} is not UTF-8 text; re-save the caption as UTF-8") from None
+
+
+def _tar_json(data: bytes | None, source: str, name: str) -> dict[str, Any]:
+    """A .json member read up to ``MAX_LINE + 1`` (as a JSONL line): more is too long, not invalid JSON."""
     if data is None:
         return {}
+    if len(data) > MAX_LINE:
+        raise RowRejected("bad_row", f"{source}: {name} is over {MAX_LINE:,} bytes; shorten its values or drop "
+                                     f"the sample")
     try:
         meta = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -656,18 +655,10 @@ def _text(fields: Mapping[str, Any], name: str, source: str, required: bool = Fa
 
 
 def _check_text(text: str, name: str, source: str) -> None:
-    if len(text) > MAX_TEXT_CHARS:
-        raise RowRejected("bad_row", f"{source}: '{name}' is {len(text):,} characters (at most {MAX_TEXT_CHARS:,}); "
-                                     f"shorten it or remove the row")
-    if "\x00" in text:
-        raise RowRejected("bad_row", f"{source}: '{name}' contains a NUL byte; fix the value or remove the row")
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate: a JSON "\ud800" escape, or a byte that was not UTF-8
-        bad = text[exc.start]
-        what = f"the byte 0x{ord(bad) - 0xDC00:02X}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
-        raise RowRejected("bad_row", f"{source}: '{name}' is not valid UTF-8 text ({what} at character "
-                                     f"{exc.start}); re-save the manifest as UTF-8 or fix the value") from None
+        check_text(text, source, f"'{name}'")
+    except InputRejected as exc:
+        raise _row_error(exc) from None
 
 
 def _id_or_none(fields: Mapping[str, Any]) -> str | None:
@@ -676,8 +667,8 @@ def _id_or_none(fields: Mapping[str, Any]) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
     try:
-        _check_text(str(value), "id", "")
-    except RowRejected:
+        check_text(str(value), "", "'id'")
+    except InputRejected:
         return None
     return str(value).strip() or None
 

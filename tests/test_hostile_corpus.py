@@ -16,6 +16,7 @@ import os
 import struct
 import tarfile
 import threading
+import tracemalloc
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,8 @@ import pytest
 from PIL import Image
 
 from fastattr_hook.errors import FastattrError
-from fastattr_hook.metadata import format_inspection, inspect_image, printable, read_attribution, sidecar_path
+from fastattr_hook.metadata import (format_inspection, inspect_image, printable, read_attribution, sidecar_path,
+                                    write_attribution_in_place)
 from fastattr_hook.metadata.xmp import _xmp_packet
 from index_tools.manifest import MAX_LINE, MAX_TEXT_CHARS, ManifestValidator, Rejection, RowRejected, iter_manifest
 from test_hostile_rows import png
@@ -708,3 +710,86 @@ def test_damaged_credit_metadata(name, data, sidecar, outcome, tmp_path):
     else:
         assert sorted(found) == outcome[1] and None not in found.values()
         assert report["agree"] is True
+
+
+# ----------------------------------------------------------------------------- reading stays bounded
+# Files whose reading would cost time or memory out of proportion: refused, or their carrier
+# reported, by name and limit; inspect goes on with the next file of a batch.
+
+def many_bombs() -> bytes:
+    """Three text chunks each inflating past the 64 MiB cap: each alone is a damaged chunk, but the
+    cap holds in total, so the second is not inflated (each cost the whole cap: 100 of them, 38 s)."""
+    return png_with(after_idat=[png_chunk(b"zTXt", b"k%d\x00\x00" % n + zeros_bomb(65)) for n in range(3)])
+
+
+def many_png_chunks(before_idat: bool) -> bytes:
+    """20,000 empty chunks in 240 KB: Pillow walks those before the image data one by one, c2pa all of
+    them (2 million: 80 s together)."""
+    chunks = [png_chunk(b"abCd", b"")] * 20_000
+    return png_with(chunks) if before_idat else png_with(after_idat=chunks)
+
+
+def many_webp_chunks() -> bytes:
+    body = encoded(rgb(), "WEBP")[12:] + b"abcd\x00\x00\x00\x00" * 20_000
+    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body
+
+
+BOUNDED = [
+    ("bombs.png", many_bombs, "text chunks inflate beyond 67108864 bytes in total"),
+    ("chunks-before-idat.png", lambda: many_png_chunks(True), "more than 10,000 PNG chunks in 240,"),
+    ("chunks-after-idat.png", lambda: many_png_chunks(False), "more than 10,000 PNG chunks in 240,"),
+    ("chunks.webp", many_webp_chunks, "more than 10,000 WebP chunks in 160,"),
+]
+
+
+@pytest.mark.parametrize("name, make, words", BOUNDED, ids=[case[0] for case in BOUNDED])
+def test_files_that_would_take_unbounded_time_are_refused_by_name(name, make, words, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(make())
+    for call in (inspect_image, lambda p: write_attribution_in_place(p, make_attribution())):
+        with pytest.raises(FastattrError, match=rf"^{path}: {words}"):
+            call(path)
+
+
+def test_an_image_file_past_the_size_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "huge.png"
+    path.write_bytes(PLAIN_PNG)
+    os.truncate(path, (256 << 20) + 1)  # a sparse file: no disk used
+    message = rf"^{path}: 268,435,457 bytes, more than the 268,435,456 bytes fastattr reads from an image"
+    for call in (inspect_image, lambda p: write_attribution_in_place(p, make_attribution())):
+        with pytest.raises(FastattrError, match=message):
+            call(path)
+
+
+def test_a_sidecar_past_its_size_cap_is_reported_unread(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(ours(JSON_TEXT))
+    side = sidecar_path(path)
+    side.touch()
+    os.truncate(side, 1 << 30)  # 1 GiB sparse: read whole, it cost 1.3 GB
+    tracemalloc.start()
+    try:
+        report = inspect_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000, peak
+    assert report["disagreements"] == [f"sidecar: {side}: 1,073,741,824 bytes, more than the 16,777,216 bytes "
+                                       "fastattr reads from a sidecar; it was not read"]
+    assert report["attribution"] == CREDITS.to_dict()  # the other carriers are still read
+
+
+def test_a_batch_goes_on_past_every_refused_file(tmp_path, capsys):
+    from fastattr_cli import main
+
+    files = []
+    for name, make, _ in BOUNDED:
+        files.append(tmp_path / name)
+        files[-1].write_bytes(make())
+    good = tmp_path / "good.png"
+    good.write_bytes(ours(JSON_TEXT))
+    assert main(["inspect", *map(str, files), str(good)]) == 1
+    out = capsys.readouterr().out
+    for path, (_, _, words) in zip(files, BOUNDED):
+        assert f"{path}: {words}" in out
+    assert out.count("carriers agree: yes") == 1 and f"{good} (PNG)" in out

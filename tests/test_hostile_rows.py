@@ -3,12 +3,15 @@ manifest format it can be written in, each asserting its named outcome (issue 15
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import struct
 import tarfile
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +202,34 @@ def test_a_csv_quote_still_open_at_the_end_of_the_file_rejects_its_row(tail, ids
                                 "file); close the quote or remove the row")
 
 
+def test_an_unclosed_csv_quote_past_the_csv_field_limit_loses_no_row(tmp_path):
+    """Past 131,072 characters the csv module ends the open field with an error; the lines it took
+    (240 KB here) are still read as rows of their own: every line is an accepted or a rejected row."""
+    path = tmp_path / "m.csv"
+    rows = [f"r{n},good.png,a perfectly fine caption number {n} " + "y" * 40 for n in range(3000)]
+    path.write_text('id,image,caption\nopen,good.png,"an unclosed quote\n' + "\n".join(rows) + "\n")
+    found = list(iter_manifest(path))
+    rejected = [r for r in found if isinstance(r, Rejection)]
+    assert sorted(r.row for r in found) == list(range(2, 3003))  # each line of the file, once
+    assert [r.id for r in found if isinstance(r, ManifestRow)] == [f"r{n}" for n in range(3000)]
+    assert [r.row for r in rejected] == [2] and rejected[0].message.startswith(
+        "m.csv:2: a quote opened here is not closed (the field ran over ")
+    assert "field limit" in rejected[0].message
+
+
+def test_a_multi_line_csv_record_with_the_wrong_field_count_reads_its_lines_again(tmp_path):
+    """The quote opened on line 2 closes inside line 4: one record of 5 fields. Not one row, so the
+    quote's row is rejected and lines 3 and 4 are read again (line 3 has too few fields of its own)."""
+    path = tmp_path / "m.csv"
+    path.write_text('id,image,caption,creator\na,x.png,"unclosed quote,me\nb,x.png,cap b\n'
+                    'c,x.png,"cap, c",you\nd,x.png,cap d,him\n')
+    found = list(iter_manifest(path))
+    assert [r.id if isinstance(r, ManifestRow) else r.row for r in found] == [2, 3, "c", "d"]
+    assert found[0].message == ("m.csv:2: a quote opened here is not closed (the field ran over 2 more lines, "
+                                "leaving 5 fields where the header has 4); close the quote or remove the row")
+    assert "3 fields but the header has 4" in found[1].message
+
+
 def test_a_closed_multi_line_csv_caption_at_the_end_of_the_file_is_kept(images, tmp_path):
     (tmp_path / "good.png").write_bytes(Path(images["good.png"]).read_bytes())
     path = tmp_path / "m.csv"
@@ -247,12 +278,17 @@ def test_an_over_long_line_is_one_rejected_row_read_in_bounded_memory(fmt, image
 
 
 def test_an_over_long_line_inside_a_quoted_csv_caption_rejects_the_row(tmp_path):
+    """The quote's row is rejected, then every line it ran over, the long one too, is a row of its own."""
     path = tmp_path / "m.csv"
-    _with_long_line(path, b'id,image,caption\nopen,good.png,"a caption over\n', b'lines"\nafter,good.png,x\n')
-    rejected, fragment, last = iter_manifest(path)
-    assert rejected.row == 2 and rejected.message.startswith(f"m.csv:2: line 3 of the row is {8 * MAX_LINE + 1:,} ")
-    assert fragment.row == 4 and "1 fields but the header has 3" in fragment.message  # the rest: `lines"`
-    assert (last.id, last.row) == ("after", 5)
+    _with_long_line(path, b'id,image,caption\nopen,good.png,"a caption over\nnext,good.png,two\n',
+                    b'lines"\nafter,good.png,x\n')
+    rejected, swallowed, long_line, fragment, last = iter_manifest(path)
+    assert rejected.row == 2 and rejected.message.startswith(
+        f"m.csv:2: a quote opened here is still open at line 4, which is {8 * MAX_LINE + 1:,} characters")
+    assert (swallowed.id, swallowed.row) == ("next", 3)
+    assert long_line.row == 4 and long_line.message.startswith(f"m.csv:4: the line is {8 * MAX_LINE + 1:,} ")
+    assert fragment.row == 5 and "1 fields but the header has 3" in fragment.message  # the rest: `lines"`
+    assert (last.id, last.row) == ("after", 6)
 
 
 def test_16_bit_greyscale_and_exif_orientation_decode_as_a_viewer_shows_them(tmp_path):
@@ -305,3 +341,90 @@ def test_a_build_with_every_hostile_row_completes(micro_sandbox, images, tmp_pat
     ordered = list(expected.values())
     assert [by_row[len(good) + 1 + i] for i in range(len(ordered))] == ordered
     assert verify_bundle(tmp_path / "b").ok
+
+
+# `fastattr attribute`: the user's own image and prompt, under the same limits as a manifest's rows
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height and which holds no pixels (Pillow refuses it on opening)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def _unblocked(fifo: str) -> contextlib.AbstractContextManager:
+    """A reader that blocks on ``fifo`` (a regression) fails the test instead of hanging it."""
+    from test_hostile_corpus import writers_coming_and_going
+
+    return writers_coming_and_going(Path(fifo)) if os.path.exists(fifo) else contextlib.nullcontext()
+
+
+CLI_IMAGE_CASES = [
+    ("bomb-30000", "claims-30000.png", "cannot be decoded"),  # Pillow's own check: a DecompressionBombError
+    ("bomb", "bomb.png", "Mpixels"),
+    ("strip", "strip.png", "aspect ratio"),  # a few KB; resizing it was a MemoryError
+    ("fifo", "fifo.png", "not a regular file"),  # reading it hung
+    ("dev-zero", "dev-zero", "not a regular file"),
+    ("huge-file", "huge.png", "larger than 64 MiB"),
+    ("folder", "folder.png", "cannot read the image"),
+    ("missing", "nope.png", "no such file"),
+    ("not-an-image", "notes.png", "not a known image format"),
+]
+
+
+@pytest.mark.parametrize("case, image, words", CLI_IMAGE_CASES, ids=[c[0] for c in CLI_IMAGE_CASES])
+def test_attribute_refuses_a_hostile_image_by_name(case, image, words, images, micro_sandbox, tmp_path, capsys):
+    from fastattr_cli import main
+
+    if image == "fifo.png" and not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    (tmp_path / "claims-30000.png").write_bytes(png_claiming(30000, 30000))
+    (tmp_path / "notes.png").write_text("not an image\n")
+    path = images.get(image, str(tmp_path / image))
+    with _unblocked(images["fifo.png"]):
+        assert main(["attribute", path, "--prompt", "a red circle", "--bundle", str(micro_sandbox / "bundle")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: {path}: ") and words in err, err  # refused before the bundle loads
+    assert "Traceback" not in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("prompt, words", [
+    ("caf\udce9", "is not valid UTF-8 text (the byte 0xE9 at character 3); re-encode it as UTF-8"),  # argv: b"\xe9"
+    ("a" * (MAX_TEXT_CHARS + 1), "is 100,001 characters (at most 100,000); shorten it"),
+])
+def test_attribute_refuses_a_prompt_a_manifest_caption_could_not_be(prompt, words, images, micro_sandbox, capsys):
+    from fastattr_cli import main
+
+    assert main(["attribute", images["good.png"], "--prompt", prompt, "--bundle", str(micro_sandbox / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --prompt: the prompt {words}\n"
+
+
+def test_attribute_goes_on_past_a_bad_image_in_a_batch(micro_sandbox, images, capsys):
+    """Each bad image is named on stderr and has an error entry in --json; the others are attributed;
+    the exit code says something was refused."""
+    from fastattr_cli import main
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    data = micro_sandbox / "data"
+    first, second = (json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()[:2])
+    paths = [str(data / first["image"]), images["fifo.png"], images["strip.png"], str(data / second["image"])]
+    args = ["attribute", *paths, "--prompt", first["caption"], "--bundle", str(micro_sandbox / "bundle"), "--k", "2"]
+    with _unblocked(images["fifo.png"]):
+        assert main(args + ["--json"]) == 2
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    schema = "fastattr/attribution@1"
+    assert [entry.get("schema") for entry in printed] == [schema, None, None, schema]
+    assert printed[0]["credits"][0]["id"] == first["id"]
+    assert [entry["path"] for entry in printed[1:3]] == paths[1:3]
+    assert "not a regular file" in printed[1]["error"] and "aspect ratio" in printed[2]["error"]
+    assert f"error: {paths[1]}: " in err and f"error: {paths[2]}: " in err and "Traceback" not in err
+    with _unblocked(images["fifo.png"]):
+        assert main(args) == 2  # the text form: the good images only
+    out = capsys.readouterr().out
+    assert out.count("score") == 4 and paths[0] in out and paths[3] in out and "fifo" not in out

@@ -91,7 +91,7 @@ def test_training_image_with_its_caption_attributes_to_itself(exact_bundle, sand
 
 def test_cli_attribute_writes_signed_credits_that_inspect_reads(exact_bundle, sandbox, rows, tmp_path, capsys):
     pytest.importorskip("c2pa")
-    from test_metadata import make_signing_credentials
+    from test_metadata import make_signing_credentials, trust_anchors_of
 
     from fastattr_cli import main
 
@@ -108,8 +108,19 @@ def test_cli_attribute_writes_signed_credits_that_inspect_reads(exact_bundle, sa
     assert main(["inspect", str(copy), "--json"]) == 0
     [report] = json.loads(capsys.readouterr().out)
     assert report["agree"] is True and report["carriers"]["c2pa"]["validation_state"] == "Valid"
+    assert report["authenticated"] is False  # a valid signature, but nobody said whose signatures to trust
     assert {"png", "xmp", "sidecar", "c2pa"} <= {name for name, c in report["carriers"].items() if c["present"]}
+    assert main(["inspect", str(copy), "--trust-anchors", str(trust_anchors_of(signing))]) == 0
+    assert "credits authenticated: yes (C2PA manifest signed by CN=" in capsys.readouterr().out
     assert "fastattr" not in Image.open(image).info  # the source image is untouched
+
+
+def test_attribute_refuses_a_prompt_by_its_index(exact_bundle):
+    attributor, image = Attributor.from_bundle(exact_bundle), Image.new("RGB", (32, 32))
+    with pytest.raises(FastattrError, match=r"prompts\[1\]: the prompt is not valid UTF-8 text \(the byte 0xFF"):
+        attributor.attribute([image, image], ["a red circle", "a blue \udcff ring"])  # argv's surrogateescape
+    with pytest.raises(FastattrError, match=r"prompts\[0\]: the prompt contains a NUL byte"):
+        attributor.attribute([image], "a red\x00 circle")
 
 
 def test_attributor_is_thread_safe(exact_bundle, sandbox, rows):

@@ -16,6 +16,9 @@ from PIL import Image
 
 from fastattr_hook.errors import FastattrError
 from index_tools.manifest import (
+    MAX_LINE,
+    MAX_TEXT_BYTES,
+    MAX_TEXT_CHARS,
     ManifestRow,
     ManifestValidator,
     Rejection,
@@ -228,6 +231,36 @@ def test_truncated_tar_member_is_a_corrupt_image(tmp_path: Path) -> None:
     assert info.value.reason == "missing_image" and f"tar shard not found at {folder / 'one.tar'}" in info.value.message
 
 
+def test_an_over_long_tar_caption_is_too_long_even_when_cut_inside_a_character(tmp_path: Path) -> None:
+    """A .txt member is read up to MAX_TEXT_BYTES + 1 bytes: 100,001 emoji (400,004 bytes) are cut inside
+    a character there. That caption is too long, not text that is not UTF-8; 100,000 emoji fit."""
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, caption in (("long", "\U0001F600" * (MAX_TEXT_CHARS + 1)), ("full", "\U0001F600" * MAX_TEXT_CHARS)):
+            add_member(tar, f"{key}.png", image_bytes())
+            add_member(tar, f"{key}.txt", caption.encode())
+    rejected, kept = iter_manifest(shard)
+    assert (rejected.reason, rejected.message) == ("bad_row", (
+        f"s.tar:long: long.txt is over {MAX_TEXT_BYTES:,} bytes, more than a caption can hold (at most "
+        f"{MAX_TEXT_CHARS:,} characters); shorten it or drop the sample"))
+    assert len(kept.caption) == MAX_TEXT_CHARS
+
+
+def test_a_tar_metadata_member_is_read_like_a_jsonl_line(tmp_path: Path) -> None:
+    """Up to MAX_LINE bytes, room for several captions of MAX_TEXT_CHARS (read whole, not cut at 400 KB
+    and called invalid JSON); a longer one is a row too long, not invalid JSON."""
+    captions = [letter * MAX_TEXT_CHARS for letter in "abcde"]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, meta in (("five", {"caption": captions}), ("huge", {"caption": "x" * MAX_LINE})):
+            add_member(tar, f"{key}.png", image_bytes())
+            add_member(tar, f"{key}.json", json.dumps(meta).encode())
+    kept, rejected = iter_manifest(shard)
+    assert kept.captions == tuple(captions)
+    assert (rejected.reason, rejected.message) == ("bad_row", f"s.tar:huge: huge.json is over {MAX_LINE:,} bytes; "
+                                                              f"shorten its values or drop the sample")
+
+
 def test_iter_manifest_streams_instead_of_reading_the_whole_file(tmp_path: Path) -> None:
     write(tmp_path / "a.png", image_bytes())
     jsonl = write_jsonl(tmp_path / "train.jsonl", [{"id": "1", "image": "a.png", "caption": "one"}])
@@ -305,7 +338,7 @@ def test_validate_manifest_rejects_each_bad_row_with_its_reason(tmp_path: Path) 
     assert all(r["message"].startswith(f"train.jsonl:{r['row']}: ") for r in records)
     by_id = {r["id"]: r["message"] for r in records}
     assert f"not found at {tmp_path / 'imgs' / 'nope.png'}" in by_id["missing"]
-    assert "fix the path or remove the row" in by_id["missing"]
+    assert "fix the path, or remove the row" in by_id["missing"]
     assert "already used at row 1" in by_id["good-1"]
     assert "truncated" in by_id["truncated"]
     assert "not valid JSON" in records[5]["message"]
@@ -433,6 +466,19 @@ def test_resume_keeps_rejects_without_duplicating_them(tmp_path: Path) -> None:
     assert [(r["row"], r["id"], r["reason"]) for r in records] == EXPECTED_REJECTS
     summary = resumed.summary
     assert (summary["accepted"], summary["already_indexed"], summary["rejected"]) == (2, 1, 8)
+
+
+def test_resuming_a_finished_build_says_so_on_the_command_line(micro_sandbox: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Not the summary of a build that just ran: the command line shows no log, so it says it itself."""
+    from fastattr_cli import main
+    from fastattr_hook.bundle import read_manifest
+
+    bundle = micro_sandbox / "bundle"  # built from this manifest and encoder
+    items = read_manifest(bundle).items
+    assert main(["index", "build", "--manifest", str(micro_sandbox / "data" / "manifest.jsonl"), "--encoder",
+                 str(micro_sandbox / "encoder.yaml"), "--out", str(bundle), "--resume"]) == 0
+    assert capsys.readouterr().out == f"{bundle}: already complete ({items} items); nothing to do\n"
 
 
 def test_resume_refuses_a_file_that_is_not_a_rejects_file(tmp_path: Path) -> None:

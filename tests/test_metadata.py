@@ -326,8 +326,64 @@ def test_xmp_with_entities_is_refused_not_expanded(tmp_path):
     rgb().save(tmp_path / "bomb.png", pnginfo=info)
     report = inspect_image(tmp_path / "bomb.png")
     assert "DTD or entities is refused" in report["carriers"]["xmp"]["error"]
-    write_attribution_in_place(tmp_path / "bomb.png", make_attribution())  # replaced, not merged
-    assert b"ENTITY" not in (tmp_path / "bomb.png").read_bytes()
+    original = (tmp_path / "bomb.png").read_bytes()
+    with pytest.raises(FastattrError, match="bomb.png: its XMP packet cannot be parsed .*DTD or entities"):
+        write_attribution_in_place(tmp_path / "bomb.png", make_attribution())  # neither expanded nor dropped
+    assert (tmp_path / "bomb.png").read_bytes() == original
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_saving_an_opened_image_keeps_its_xmp_rights(tmp_path, name):
+    """An image opened from disk (an img2img source, a re-save) keeps its own XMP through
+    save_with_attribution, with our credits merged in as in place."""
+    source = tmp_path / ("src-" + name)
+    if name.endswith(".png"):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", RIGHTS_XMP)
+        rgb().save(source, pnginfo=info)
+    else:
+        rgb().save(source, xmp=RIGHTS_XMP.encode())
+    with Image.open(source) as image:
+        out = save_with_attribution(image, tmp_path / name, make_attribution())
+    texts = [e.text for e in xmp_of(out).iter() if e.text and e.text.strip()]
+    for kept in ("Ana Artist", "(c) Ana Artist", "No AI training", "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED"):
+        assert texts.count(kept) == 1, (kept, texts)
+    assert [e.text for e in xmp_of(out).iter(f"{IPTC}DigitalSourceType")] == [metadata.DIGITAL_SOURCE_TYPE]
+    assert inspect_image(out)["agree"] is True
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_xmp_that_cannot_be_parsed_is_refused_not_replaced(tmp_path, name):
+    """A stray '&' makes the packet unparseable: replacing it would silently destroy the rights it
+    holds, so writing credits is refused by name (in place: the file unchanged), and the error says
+    what to do."""
+    broken = RIGHTS_XMP.replace("(c) Ana Artist", "(c) Ana & Co")
+    path = tmp_path / name
+    if name.endswith(".png"):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", broken)
+        rgb().save(path, pnginfo=info)
+    else:
+        rgb().save(path, xmp=broken.encode())
+    original = path.read_bytes()
+    with pytest.raises(FastattrError, match=rf"^{path}: its XMP packet cannot be parsed \(not well-formed.*"
+                                            r"would lose .*rights.*strip it"):
+        write_attribution_in_place(path, make_attribution())
+    assert path.read_bytes() == original and not sidecar_path(path).exists() and leftovers(tmp_path) == []
+    with Image.open(path) as image, pytest.raises(FastattrError, match=rf"^{tmp_path / 'out.png'}: the XMP packet "
+                                                                      rf"of {path} cannot be parsed"):
+        save_with_attribution(image, tmp_path / "out.png", make_attribution())
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_xmp_without_rdf_gets_ours_and_other_roots_are_refused(tmp_path):
+    path = tmp_path / "a.jpg"
+    rgb().save(path, xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="Tool 1.0"/>')
+    write_attribution_in_place(path, make_attribution())
+    assert xmp_of(path).get("{adobe:ns:meta/}xmptk") == "Tool 1.0" and inspect_image(path)["agree"] is True
+    rgb().save(path, xmp=b"<notes>keep me</notes>")
+    with pytest.raises(FastattrError, match="its XMP packet is not XMP \\(its root element is 'notes'\\)"):
+        write_attribution_in_place(path, make_attribution())
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -387,6 +443,37 @@ def test_inspect_names_every_forged_field_and_says_unauthenticated(tmp_path):
     problems = inspect_image(out)["disagreements"]
     assert f"sidecar: credit 3 share 0.9 instead of {attribution.credits[2].share}" in problems
     assert any(p.startswith("sidecar: credit 4 caption 'a forged caption'") for p in problems)
+
+
+def test_a_credit_deleted_from_the_xmp_summary_is_a_disagreement(tmp_path):
+    out = save_with_attribution(rgb(), tmp_path / "out.png", make_attribution(n=5))
+    with Image.open(out) as image:
+        texts = dict(image.text)
+    last = texts["XML:com.adobe.xmp"].rindex('<rdf:li rdf:parseType="Resource">')
+    end = texts["XML:com.adobe.xmp"].index("</rdf:li>", last) + len("</rdf:li>")
+    texts["XML:com.adobe.xmp"] = texts["XML:com.adobe.xmp"][:last] + texts["XML:com.adobe.xmp"][end:]
+    info = PngImagePlugin.PngInfo()
+    for key, value in texts.items():
+        info.add_itxt(key, value)
+    rgb().save(out, pnginfo=info)
+    report = inspect_image(out)
+    assert report["carriers"]["xmp"]["credits"] == 4
+    assert report["agree"] is False and report["disagreements"] == ["xmp: 4 credits instead of 5"]
+
+
+def test_edits_outside_the_credits_are_named(tmp_path):
+    """Bundle, encoder, share rule and creation time are part of the credits' provenance: a sidecar
+    that changes them disagrees, field by field."""
+    out = save_with_attribution(rgb(), tmp_path / "out.png", make_attribution())
+    side = sidecar_path(out)
+    forged = json.loads(side.read_text())
+    forged["bundle"]["name"], forged["encoder"]["name"] = "Forged bundle", "evil"
+    forged["share_rule"]["temperature"], forged["created"] = 99.0, "1999-01-01"
+    side.write_text(json.dumps(forged))
+    assert sorted(inspect_image(out)["disagreements"]) == [
+        "sidecar: bundle name 'Forged bundle' instead of 'b'", "sidecar: created '1999-01-01' instead of "
+        "'2025-01-01T00:00:00Z'", "sidecar: encoder name 'evil' instead of 'tiny'",
+        "sidecar: share_rule temperature 99.0 instead of 0.05"]
 
 
 def test_image_without_credits(tmp_path):
@@ -489,8 +576,10 @@ def test_unsupported_formats_and_unreadable_files(tmp_path):
 
 # ----------------------------------------------------------------------------- C2PA
 
-def make_signing_credentials(directory: Path) -> C2paConfig:
-    """Throwaway CA + end-entity certificate, made offline (extensions C2PA validators require)."""
+def make_signing_credentials(directory: Path, common_name: str = "fastattr test signer",
+                             organization: str = "fastattr tests") -> C2paConfig:
+    """Throwaway CA + end-entity certificate, made offline (extensions C2PA validators require); the
+    CA's certificate, the trust anchor to give ``inspect_image``, is ``root.pem`` beside the chain."""
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -509,8 +598,8 @@ def make_signing_credentials(directory: Path) -> C2paConfig:
                          critical=True)
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastattr test signer"),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fastattr tests")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
@@ -524,6 +613,7 @@ def make_signing_credentials(directory: Path) -> C2paConfig:
             .sign(ca_key, hashes.SHA256()))
     chain, private = directory / "chain.pem", directory / "key.pem"
     chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "root.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     return C2paConfig(cert_chain=chain, private_key=private)
@@ -547,6 +637,67 @@ def test_c2pa_round_trip(tmp_path, name):
     assert created["digitalSourceType"] == metadata.DIGITAL_SOURCE_TYPE
     report = inspect_image(out)
     assert report["agree"] is True and report["carriers"]["c2pa"]["validation_state"] == "Valid"
+
+
+def trust_anchors_of(config: C2paConfig) -> Path:
+    return Path(config.cert_chain).with_name("root.pem")
+
+
+def test_a_self_signed_manifest_validates_but_is_not_authenticated(tmp_path):
+    """The forgery trust anchors are for: Mallory replaces the credits and signs them with a
+    certificate she made, naming whom she likes. The signature validates; the report names the
+    signer and authenticates only a signer that chains to the anchors the user gave."""
+    pytest.importorskip("c2pa")
+    genuine = make_signing_credentials(tmp_path)
+    (tmp_path / "mallory").mkdir()
+    mallory = make_signing_credentials(tmp_path / "mallory", "Ana Artist", "Stability AI Ltd")
+    out = save_with_attribution(rgb(), tmp_path / "s.png", make_attribution())
+    write_attribution_in_place(out, make_attribution(creator="Mallory"), c2pa=mallory)
+    for anchors, trust, words in ((trust_anchors_of(genuine), "untrusted", "signer not in your trust anchors"),
+                                  (None, "unchecked", "signer not checked against a trust list")):
+        report = inspect_image(out, trust_anchors=anchors)
+        c2pa_report = report["carriers"]["c2pa"]
+        assert (c2pa_report["validation_state"], c2pa_report["trust"]) == ("Valid", trust)
+        assert c2pa_report["signer"] == "CN=Ana Artist, O=Stability AI Ltd"
+        assert report["agree"] is True and report["authenticated"] is False
+        assert ("credits authenticated: NO (C2PA manifest signed by CN=Ana Artist, O=Stability AI Ltd: valid "
+                f"signature, {words}") in format_inspection(report)
+
+    signed = save_with_attribution(rgb(), tmp_path / "g.png", make_attribution(), c2pa=genuine)
+    report = inspect_image(signed, trust_anchors=trust_anchors_of(genuine))
+    assert report["authenticated"] is True and report["carriers"]["c2pa"]["trust"] == "trusted"
+    assert report["carriers"]["c2pa"]["validation_state"] == "Trusted"
+    assert ("credits authenticated: yes (C2PA manifest signed by CN=fastattr test signer, O=fastattr tests, whose "
+            "certificate chains to your trust anchors") in format_inspection(report)
+
+
+def test_trust_anchors_that_cannot_be_used_are_refused_by_name(tmp_path):
+    pytest.importorskip("c2pa")
+    out = save_with_attribution(rgb(), tmp_path / "s.png", make_attribution(), c2pa=make_signing_credentials(tmp_path))
+    (tmp_path / "text.pem").write_text("hello")
+    (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    for name, words in (("missing.pem", "cannot be read"), ("text.pem", "is not PEM"), ("garbage.pem", "cannot be used")):
+        with pytest.raises(FastattrError, match=rf"^C2PA trust anchors {tmp_path / name} {words}"):
+            inspect_image(out, trust_anchors=tmp_path / name)
+
+
+def test_a_valid_manifest_is_the_reference_and_carriers_forged_beside_it_are_flagged(tmp_path):
+    """What a validating manifest signed cannot have been edited since: the other carriers are checked
+    against it and the credits shown are its own, whether its signer is trusted or not."""
+    pytest.importorskip("c2pa")
+    from fastattr_hook.metadata.c2pa import _sign_c2pa
+
+    config = make_signing_credentials(tmp_path)
+    genuine = make_attribution()
+    out = save_with_attribution(rgb(), tmp_path / "s.png", make_attribution(creator="Mallory"))  # all forged ...
+    out.write_bytes(_sign_c2pa(out.read_bytes(), "PNG", genuine, config, out))  # ... but what is signed
+    for anchors in (None, trust_anchors_of(config)):
+        report = inspect_image(out, trust_anchors=anchors)
+        assert report["attribution"] == genuine.to_dict()
+        assert report["authenticated"] is (anchors is not None) and report["agree"] is False
+        for carrier in ("png", "xmp", "sidecar"):
+            assert f"{carrier}: credit 1 creator 'Mallory0' instead of 'alice0'" in report["disagreements"]
+        assert not any(problem.startswith("c2pa") for problem in report["disagreements"])
 
 
 def test_c2pa_resign_in_place_and_tamper(tmp_path):

@@ -114,7 +114,7 @@ def check_round_trip(suffix: str, attribution: Attribution, in_place: bool, c2pa
         for name in (embedded, "sidecar", *(["c2pa"] if c2pa else [])):
             assert found[name].to_dict() == attribution.to_dict(), name
         assert found["xmp"] == expected_xmp(attribution)
-        report = inspect_image(out)
+        report = inspect_image(out, trust_anchors=c2pa and Path(c2pa.cert_chain).with_name("root.pem"))
         assert report["agree"] is True, report["disagreements"]
         assert report["authenticated"] is (c2pa is not None)
 

@@ -13,7 +13,14 @@ Carriers (``CARRIERS``):
 Metadata is spliced into the encoded file at the container level (PNG chunks, JPEG segments, WebP
 RIFF chunks), so writing in place never re-encodes pixels and keeps every unrelated chunk/segment.
 A previous C2PA manifest no longer matches the changed file (its hash binding): with a ``C2paConfig``
-it becomes the ``parentOf`` ingredient of the new signed manifest; without one it is dropped.
+it becomes the ``parentOf`` ingredient of the new signed manifest; without one it is dropped. An XMP
+packet the image already has is merged into, never replaced: one that cannot be parsed is refused.
+
+``inspect_image`` names who signed a C2PA manifest; the credits are authenticated only when its
+certificate chains to the ``trust_anchors`` given (anyone can sign a valid manifest with a
+certificate they made). Reading is bounded: image files of at most 256 MiB and 10,000 PNG/WebP
+chunks (one per 4 KiB in larger files), sidecars of at most 16 MiB, 64 MiB of inflated PNG text in
+all; beyond that, a file is refused (a sidecar reported) by name and limit.
 
 One module per carrier or container (``png``, ``jpeg``, ``webp``, ``exif``, ``xmp``, ``sidecar``,
 ``c2pa``); ``writing`` and ``reading`` go through all of them; ``common`` holds what several share.

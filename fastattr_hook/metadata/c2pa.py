@@ -16,6 +16,7 @@ C2PA_LABEL = "dev.fastattr.attribution"
 _C2PA_ALGS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
 _OFFLINE = {"verify": {"remote_manifest_fetch": False}}  # never fetch a manifest a file only points to
 _PARENT_ID = "parent"  # links the c2pa.opened action to the parentOf ingredient
+_ANCHORS_FIX = "give a PEM file of the root certificates whose signers you trust"
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,11 @@ def _c2pa_available() -> bool:
     return True
 
 
-def _read_pem(file: str | Path, what: str) -> bytes:
+def _read_pem(file: str | Path, what: str, fix: str = "point C2paConfig at a PEM file") -> bytes:
     try:
         data = Path(file).read_bytes()
     except OSError as exc:
-        raise FastattrError(f"C2PA {what} {file} cannot be read ({exc.strerror}); "
-                            "point C2paConfig at a PEM file") from None
+        raise FastattrError(f"C2PA {what} {file} cannot be read ({exc.strerror}); {fix}") from None
     if b"-----BEGIN " not in data:
         raise FastattrError(f"C2PA {what} {file} is not PEM; convert it (openssl ... -outform PEM)")
     return data
@@ -125,25 +125,29 @@ def _has_manifest(c2pa, context, data: bytes, mime: str, path: Path) -> bool:
     return True
 
 
-def _read_c2pa(path: Path) -> dict | None:
-    """Our (active) manifest; ``parent`` names the manifest it was chained to, and the digital source
-    type is that of the ``c2pa.created`` action the chain starts from."""
+def _read_c2pa(data: bytes, fmt: str, trust_anchors: str | Path | None) -> dict | None:
+    """Our (active) manifest in ``data`` (a file's bytes, in format ``fmt``); ``parent`` names the
+    manifest it was chained to, and the digital source type is that of the ``c2pa.created`` action
+    the chain starts from. ``signer`` is who signed it, and ``trust`` whether that certificate chains
+    to ``trust_anchors`` (a PEM file of root certificates): a valid signature alone only proves that
+    someone holding some key signed, and anyone can make a certificate naming anyone."""
     c2pa = _c2pa_module()
-    try:
-        with c2pa.Context.from_dict(_OFFLINE) as context:
-            reader = c2pa.Reader.try_create(str(path), context=context)
+    with _reading_context(c2pa, trust_anchors) as context:
+        try:
+            reader = c2pa.Reader.try_create(_MIME[fmt], io.BytesIO(data), context=context)
             if reader is None:
                 return None
             with reader:
                 store = json.loads(reader.json())
                 state = reader.get_validation_state()
-    except c2pa.C2paError as exc:
-        return {"value": None, "error": f"manifest unreadable: {exc}"}
+        except c2pa.C2paError as exc:
+            return {"value": None, "error": f"manifest unreadable: {exc}"}
     manifests = store.get("manifests", {})
     lineage = _lineage(manifests, store.get("active_manifest"))
     manifest = lineage[0] if lineage else {}
     parent = _parent_ingredient(manifest)
-    record = {"validation_state": state,
+    record = {"validation_state": state, "signer": _signer(manifest.get("signature_info") or {}),
+              "trust": _trust(state, trust_anchors),
               "digital_source_type": next((a.get("digitalSourceType") for m in lineage for a in _actions(m)
                                            if a.get("action") == "c2pa.created"), None),
               "parent": None if parent is None else _describe_parent(parent, manifests)}
@@ -151,6 +155,50 @@ def _read_c2pa(path: Path) -> dict | None:
     if ours is None:
         return {**record, "value": None, "note": f"manifest has no {C2PA_LABEL} assertion"}
     return {**record, **_parse_record(lambda: _assertion_attribution(ours.get("data")))}
+
+
+def _reading_context(c2pa, trust_anchors: str | Path | None):
+    """Offline; with ``trust_anchors`` the only roots a signer may chain to (they replace c2pa's own)."""
+    if trust_anchors is None:
+        return c2pa.Context.from_dict(_OFFLINE)
+    try:
+        return c2pa.Context.from_dict({"verify": {**_OFFLINE["verify"], "verify_trust": True},
+                                       "trust": {"trust_anchors": _anchors_pem(trust_anchors)}})
+    except c2pa.C2paError as exc:
+        raise FastattrError(f"C2PA trust anchors {trust_anchors} cannot be used ({exc}); {_ANCHORS_FIX}") from None
+
+
+def _anchors_pem(trust_anchors: str | Path) -> str:
+    """The PEM text, once every certificate in it parses: c2pa skips a block it cannot parse (a key, a
+    damaged certificate) and would then trust no signer, without saying why."""
+    try:
+        from cryptography import x509
+    except ImportError:
+        raise FastattrError("checking C2PA trust anchors needs cryptography: pip install 'fastattr[c2pa]'") from None
+    pem = _read_pem(trust_anchors, "trust anchors", _ANCHORS_FIX)
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise FastattrError(f"C2PA trust anchors {trust_anchors} cannot be used ({exc}); {_ANCHORS_FIX}") from None
+    return pem.decode("latin-1")  # PEM is ASCII; comments around it may be anything
+
+
+def _signer(signature_info: dict) -> str | None:
+    """The signing certificate's subject as c2pa gives it: its common name, and its organization
+    (which c2pa calls ``issuer``)."""
+    parts = [f"{field}={signature_info[key]}" for key, field in (("common_name", "CN"), ("issuer", "O"))
+             if signature_info.get(key)]
+    return ", ".join(parts) or None
+
+
+def _trust(state: str | None, trust_anchors: str | Path | None) -> str | None:
+    """``trusted``: the signature validates and its certificate chains to one of the trust anchors;
+    ``untrusted``: it validates, but chains to none; ``unchecked``: no trust anchors were given."""
+    if state not in ("Valid", "Trusted"):
+        return None
+    if trust_anchors is None:
+        return "unchecked"
+    return "trusted" if state == "Trusted" else "untrusted"
 
 
 def _lineage(manifests: dict, label: str | None) -> list[dict]:

@@ -1,7 +1,9 @@
-"""What several carriers and both directions share: formats, opening a file, a carrier's record."""
+"""What several carriers and both directions share: formats, reading and opening a file within
+bounds, a carrier's record."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -16,14 +18,52 @@ from ..errors import FastattrError
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
+# Reading metadata stays bounded in time and memory whatever a file holds: image files are read
+# whole (and c2pa walks every PNG/WebP chunk, ~35 us each), so their size and chunk count are capped.
+_MAX_IMAGE_BYTES = 256 << 20
+_MAX_CHUNKS = 10_000      # chunks any PNG/WebP may have; larger files one more per _BYTES_PER_CHUNK
+_BYTES_PER_CHUNK = 4096   # (encoders write image data in chunks of 8 KiB or more)
 
-def _open_image(path: Path) -> Image.Image:
+
+def _read_capped(path: Path, limit: int, what: str) -> bytes:
+    """The whole of ``path`` when it is a regular file of at most ``limit`` bytes: a FIFO would block,
+    and a huge (or sparse) file would cost its size in memory before anything could look at it."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
             raise FastattrError(f"{path}: not a regular file")
-        return Image.open(path)
+        if info.st_size > limit:
+            raise FastattrError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} bytes fastattr reads "
+                                f"{what}; it was not read")
+        with open(path, "rb") as f:
+            data = f.read(info.st_size + 1)  # not read(limit): that allocates the limit up front
     except FileNotFoundError:
         raise FastattrError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FastattrError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(data) != info.st_size:
+        raise FastattrError(f"{path}: changed while it was read; read it again once it is written")
+    return data
+
+
+def _read_image(path: Path) -> bytes:
+    return _read_capped(path, _MAX_IMAGE_BYTES, "from an image")
+
+
+def _chunk_limit(size: int) -> int:
+    return max(_MAX_CHUNKS, size // _BYTES_PER_CHUNK)
+
+
+def _too_many_chunks(path: Path, kind: str, size: int) -> FastattrError:
+    return FastattrError(f"{path}: more than {_chunk_limit(size):,} {kind} chunks in {size:,} bytes; fastattr "
+                         f"reads at most {_MAX_CHUNKS:,} chunks, or one per {_BYTES_PER_CHUNK:,} bytes in larger "
+                         "files (each costs C2PA validation time); re-save the image to merge them")
+
+
+def _open_image(path: Path, data: bytes) -> Image.Image:
+    """``data``, the bytes of ``path`` (the very bytes every carrier is then read from)."""
+    try:
+        return Image.open(io.BytesIO(data))
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # ValueError: a zTXt bomb before the pixels
         raise FastattrError(f"{path}: not a readable image ({exc})") from None
 

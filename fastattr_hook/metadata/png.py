@@ -4,33 +4,56 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import FastattrError
+from .common import _chunk_limit, _too_many_chunks
 
 PNG_KEY = "fastattr"
 XMP_KEY = "XML:com.adobe.xmp"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
-_MAX_TEXT_BYTES = 64 << 20  # cap on one inflated PNG text chunk (decompression bombs)
+_MAX_TEXT_BYTES = 64 << 20  # cap on the text a file's chunks may inflate to, one chunk or all (decompression bombs)
+
+
+class _BeyondCap(zlib.error):
+    """A text chunk inflates past what is left of ``_MAX_TEXT_BYTES``."""
+
+
+def _png_spans(data: bytes, path: Path) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end) of each whole chunk up to IEND, stopping where one is cut; more chunks than
+    the file's size allows are refused."""
+    limit, pos, count = _chunk_limit(len(data)), len(_PNG_SIGNATURE), 0
+    while pos + 12 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return
+        count += 1
+        if count > limit:
+            raise _too_many_chunks(path, "PNG", len(data))
+        yield ctype, pos, end
+        if ctype == b"IEND":
+            return
+        pos = end
+
+
+def _check_png_chunks(data: bytes, path: Path) -> None:
+    """Refuse absurd chunk counts before Pillow walks the chunks one by one (2 million take 30 s)."""
+    for _ in _png_spans(data, path):
+        pass
 
 
 def _png_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
     """(type, raw chunk bytes incl. length and CRC) up to IEND; raw bytes are re-used untouched."""
     if not data.startswith(_PNG_SIGNATURE):
         raise FastattrError(f"{path}: not a PNG file")
-    chunks, pos = [], len(_PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
-        end = pos + 12 + length
-        if end > len(data):
-            break
-        chunks.append((ctype, data[pos:end]))
-        pos = end
-        if ctype == b"IEND":
-            return chunks
-    raise FastattrError(f"{path}: PNG is truncated or corrupt (no IEND chunk)")
+    chunks = [(ctype, data[start:end]) for ctype, start, end in _png_spans(data, path)]
+    if not chunks or chunks[-1][0] != b"IEND":
+        raise FastattrError(f"{path}: PNG is truncated or corrupt (no IEND chunk)")
+    return chunks
 
 
 def _crc_ok(raw: bytes) -> bool:
@@ -40,39 +63,55 @@ def _crc_ok(raw: bytes) -> bool:
 def _png_text(data: bytes, path: Path, damaged: dict[str, str] | None = None) -> dict[str, str]:
     """Every tEXt/zTXt/iTXt chunk, read without decoding pixels (so damaged image data is fine).
     A chunk that fails its CRC or whose text cannot be decoded is skipped; ``damaged`` gets its
-    keyword and why."""
-    text, total = {}, 0
+    keyword and why. The text read, and the output of inflations that failed, count toward one cap:
+    else each chunk inflating past it would cost the whole cap again (100 of them: 38 s)."""
+    text, spent = {}, 0
     for ctype, raw in _png_chunks(data, path):
         if ctype not in _PNG_TEXT_CHUNKS:
             continue
-        if total > _MAX_TEXT_BYTES:  # many compressed chunks: the cap holds in total, not only per chunk
-            raise FastattrError(f"{path}: text chunks inflate beyond {_MAX_TEXT_BYTES} bytes in total")
+        if spent >= _MAX_TEXT_BYTES:
+            raise _text_beyond_cap(path)
         key, _, body = raw[8:-4].partition(b"\x00")
+        left = _MAX_TEXT_BYTES - spent
         try:
             if not _crc_ok(raw):
                 raise ValueError("its CRC does not match: the file was damaged or edited byte by byte")
-            if ctype == b"tEXt":
-                value = body.decode("latin-1")
-            elif ctype == b"zTXt":
-                value = _inflate(body[1:]).decode("latin-1")
-            else:  # iTXt: compression flag, method, language NUL, translated keyword NUL, text
-                _, _, rest = body[2:].partition(b"\x00")
-                _, _, rest = rest.partition(b"\x00")
-                value = (_inflate(rest) if body[0] else rest).decode("utf-8")
+            value = _chunk_text(ctype, body, left)
         except (zlib.error, UnicodeDecodeError, IndexError, ValueError) as exc:
+            if isinstance(exc, _BeyondCap):
+                if left < _MAX_TEXT_BYTES:  # past what the chunks before it left over
+                    raise _text_beyond_cap(path) from None
+                spent = _MAX_TEXT_BYTES
             if damaged is not None:
                 damaged[key.decode("latin-1")] = f"damaged {ctype.decode()} chunk ({exc})"
             continue
         text[key.decode("latin-1")] = value
-        total += len(value)
+        spent += len(value)
     return text
 
 
-def _inflate(data: bytes) -> bytes:
+def _text_beyond_cap(path: Path) -> FastattrError:
+    return FastattrError(f"{path}: text chunks inflate beyond {_MAX_TEXT_BYTES} bytes in total, the most fastattr "
+                         "inflates in one file; strip them to read or write its credits")
+
+
+def _chunk_text(ctype: bytes, body: bytes, limit: int) -> str:
+    """The text of one chunk (``body``: after the keyword), inflating at most ``limit`` bytes."""
+    if ctype == b"tEXt":
+        return body.decode("latin-1")
+    if ctype == b"zTXt":
+        return _inflate(body[1:], limit).decode("latin-1")
+    # iTXt: compression flag, method, language NUL, translated keyword NUL, text
+    _, _, rest = body[2:].partition(b"\x00")
+    _, _, rest = rest.partition(b"\x00")
+    return (_inflate(rest, limit) if body[0] else rest).decode("utf-8")
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
     inflater = zlib.decompressobj()
-    out = inflater.decompress(data, _MAX_TEXT_BYTES)
+    out = inflater.decompress(data, limit)
     if inflater.unconsumed_tail:
-        raise zlib.error(f"text chunk inflates beyond {_MAX_TEXT_BYTES} bytes")
+        raise _BeyondCap(f"text chunk inflates beyond {limit} bytes")
     return out
 
 

@@ -10,17 +10,21 @@ from PIL import Image
 
 from ..attribution import Attribution
 from ..errors import FastattrError
+from .common import _chunk_limit, _too_many_chunks
 from .exif import _EXIF_HEADER, _exif_bytes
 
 
 def _riff_chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+    """(fourcc, body) of each chunk; more chunks than the file's size allows are refused."""
     if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
         raise FastattrError(f"{path}: not a WebP file")
-    chunks, pos = [], 12
+    chunks, pos, limit = [], 12, _chunk_limit(len(data))
     while pos + 8 <= len(data):
         fourcc, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
         if pos + 8 + size > len(data):
             raise FastattrError(f"{path}: WebP is truncated or corrupt")
+        if len(chunks) == limit:
+            raise _too_many_chunks(path, "WebP", len(data))
         chunks.append((fourcc, data[pos + 8:pos + 8 + size]))
         pos += 8 + size + (size & 1)
     return chunks

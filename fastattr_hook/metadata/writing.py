@@ -15,10 +15,10 @@ from ..attribution import Attribution
 from ..errors import FastattrError
 from ..files import atomic_open
 from .c2pa import C2paConfig, _sign_c2pa
-from .common import _open_image, _supported_format
+from .common import _supported_format
 from .jpeg import _embed_jpeg
 from .png import PNG_KEY, XMP_KEY, _embed_png
-from .reading import printable
+from .reading import _open_bounded, printable
 from .sidecar import _write_sidecar
 from .webp import _embed_webp
 from .xmp import _existing_xmp, _merged_xmp
@@ -38,13 +38,15 @@ def save_with_attribution(image: Image.Image, path: str | Path, attribution: Att
     Text already on the image (PNG text chunks, e.g. ComfyUI ``prompt``/``workflow`` or A1111
     ``parameters``), on ``pnginfo_from`` and in ``extra_text`` is kept: as PNG text chunks, or for
     JPEG/WebP as ``key:value`` EXIF strings the way ComfyUI stores them in WebP. EXIF, ICC profile
-    and dpi of ``image`` are kept too.
+    and dpi of ``image`` are kept too, and its XMP packet, with the credits merged in as in place.
     """
     path = Path(path)
     _check_json(attribution)
     fmt = _format_for_save(path, format)
     text = {**_text_of(pnginfo_from), **_text_of(image), **(extra_text or {})}
-    data = _embed(_encode(image, fmt, path), fmt, attribution, text, max_json_bytes, path)
+    source = getattr(image, "filename", "") or "the image being saved"
+    xmp = _merged_xmp(_xmp_of(image), attribution, f"{path}: the XMP packet of {source}")
+    data = _embed(_encode(image, fmt, path), fmt, attribution, xmp, text, max_json_bytes, path)
     return _write_carriers(path, data, fmt, attribution, c2pa, sidecar)
 
 
@@ -54,16 +56,18 @@ def write_attribution_in_place(path: str | Path, attribution: Attribution, *, si
                                max_json_bytes: int = 65536) -> Path:
     """Add or replace the carriers of an existing PNG/JPEG/WebP without re-encoding its pixels.
 
-    Everything else in the file is kept byte for byte, except a previous fastattr payload, XMP
-    packet and C2PA manifest (all replaced; with ``c2pa`` the old manifest becomes the parent
-    ingredient of the new one). Atomic: on any error the original file is untouched.
+    Everything else in the file is kept byte for byte, except a previous fastattr payload and C2PA
+    manifest (both replaced; with ``c2pa`` the old manifest becomes the parent ingredient of the new
+    one); our XMP is merged into the file's own packet, and one that cannot be parsed is refused, not
+    replaced. Atomic: on any error the original file is untouched.
     """
     path = Path(path)
     _check_json(attribution)
-    with _open_image(path) as image:
+    previous, opened = _open_bounded(path)
+    with opened as image:
         fmt = _supported_format(image, path)
-    previous = path.read_bytes()
-    data = _embed(previous, fmt, attribution, extra_text or {}, max_json_bytes, path)
+    xmp = _merged_xmp(_existing_xmp(previous, fmt, path), attribution, f"{path}: its XMP packet")
+    data = _embed(previous, fmt, attribution, xmp, extra_text or {}, max_json_bytes, path)
     return _write_carriers(path, data, fmt, attribution, c2pa, sidecar, previous)
 
 
@@ -106,6 +110,13 @@ def _text_of(image: Image.Image | None) -> dict[str, str]:
     return {k: v for k, v in text.items() if k not in (PNG_KEY, XMP_KEY)}
 
 
+def _xmp_of(image: Image.Image) -> bytes | None:
+    """The image's own XMP packet: Pillow keeps a PNG's in its text (also after the pixels), a
+    JPEG's or WebP's (and a PNG's before the pixels) in ``info["xmp"]``."""
+    packet = (getattr(image, "text", None) or {}).get(XMP_KEY) or image.info.get("xmp")
+    return packet.encode() if isinstance(packet, str) else packet
+
+
 def _encode(image: Image.Image, fmt: str, path: Path) -> bytes:
     """Pixels plus the image's own EXIF/ICC/dpi; the carriers are spliced in afterwards."""
     options = {key: image.info[key] for key in ("exif", "icc_profile", "dpi") if image.info.get(key)}
@@ -122,9 +133,8 @@ def _encode(image: Image.Image, fmt: str, path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _embed(data: bytes, fmt: str, attribution: Attribution, text: dict[str, str],
+def _embed(data: bytes, fmt: str, attribution: Attribution, xmp: bytes, text: dict[str, str],
            max_json_bytes: int, path: Path) -> bytes:
-    xmp = _merged_xmp(_existing_xmp(data, fmt, path), attribution)
     if fmt == "PNG":
         return _embed_png(data, attribution.truncated_to(max_json_bytes).to_json(), xmp, text, path)
     if fmt == "JPEG":

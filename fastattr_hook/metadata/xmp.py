@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ..attribution import SCHEMA, Attribution
+from ..errors import FastattrError
 from .common import DIGITAL_SOURCE_TYPE
 from .jpeg import _JPEG_XMP_HEADER, _jpeg_segments
 from .png import XMP_KEY, _png_text
@@ -18,6 +19,7 @@ XMP_TOP = 10  # credits summarised in XMP; the full list lives in the JSON carri
 FASTATTR_NS = "https://fastattr.dev/ns/1.0/"
 IPTC_EXT_NS = "http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
 RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+_XMPMETA_NS = "adobe:ns:meta/"
 
 _XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -87,21 +89,24 @@ def _safe_xml(packet: str | bytes) -> ET.Element:
     return ET.fromstring(raw)
 
 
-def _merged_xmp(existing: bytes | None, attribution: Attribution) -> bytes:
+def _merged_xmp(existing: bytes | None, attribution: Attribution, label: str) -> bytes:
     """Our XMP merged into the image's own packet: every other property (dc:creator, dc:rights,
     xmpRights:UsageTerms, IPTC data-mining fields, ...) is kept; ours and DigitalSourceType are
-    replaced. An unreadable packet cannot be merged and is replaced."""
+    replaced. A packet that cannot be read cannot be merged, and replacing it would destroy rights
+    metadata unseen: refused (``label`` names it in the message, e.g. ``"a.png: its XMP packet"``)."""
     ours = _xmp_packet(attribution)
     if not existing:
         return ours
     try:
         root = _safe_xml(existing)
         names = {uri: prefix for _, (prefix, uri) in ET.iterparse(io.BytesIO(existing), events=("start-ns",))}
-    except ET.ParseError:
-        return ours
+    except ET.ParseError as exc:
+        raise _unmergeable(label, f"cannot be parsed ({exc})") from None
     rdf = root if root.tag == f"{{{RDF_NS}}}RDF" else root.find(f"{{{RDF_NS}}}RDF")
-    if rdf is None:
-        return ours
+    if rdf is None and root.tag != f"{{{_XMPMETA_NS}}}xmpmeta":
+        raise _unmergeable(label, f"is not XMP (its root element is {root.tag[:80]!r})")
+    if rdf is None:  # x:xmpmeta without RDF (empty, say): ours becomes its RDF
+        rdf = ET.SubElement(root, f"{{{RDF_NS}}}RDF")
     replaced = (f"{{{IPTC_EXT_NS}}}DigitalSourceType",)
     for desc in rdf.findall(f"{{{RDF_NS}}}Description"):
         for child in list(desc):
@@ -112,12 +117,18 @@ def _merged_xmp(existing: bytes | None, attribution: Attribution) -> bytes:
         if not len(desc) and set(desc.attrib) <= {f"{{{RDF_NS}}}about"}:
             rdf.remove(desc)
     rdf.append(ET.fromstring(ours).find(f".//{{{RDF_NS}}}Description"))
-    names.update({"adobe:ns:meta/": "x", RDF_NS: "rdf", IPTC_EXT_NS: "Iptc4xmpExt", FASTATTR_NS: "fastattr"})
+    names.update({_XMPMETA_NS: "x", RDF_NS: "rdf", IPTC_EXT_NS: "Iptc4xmpExt", FASTATTR_NS: "fastattr"})
     for uri, prefix in names.items():
         if prefix and not re.fullmatch(r"ns\d+", prefix):
             ET.register_namespace(prefix, uri)
     body = ET.tostring(root, encoding="unicode")
     return f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n{body}\n<?xpacket end="w"?>'.encode()
+
+
+def _unmergeable(label: str, problem: str) -> FastattrError:
+    return FastattrError(f"{label} {problem}, so the credits cannot be merged into it, and replacing it "
+                         "would lose whatever rights metadata it holds (dc:rights, xmpRights:UsageTerms, ...); "
+                         "repair it, or strip it (exiftool -xmp:all= FILE), then write the credits")
 
 
 def _parse_xmp(packet: str | bytes) -> dict | None:
