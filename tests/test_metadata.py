@@ -296,23 +296,31 @@ RIGHTS_XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <?xpacket end="w"?>"""
 
 
-@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
-def test_writing_credits_keeps_the_images_own_rights_metadata(tmp_path, name):
-    source = tmp_path / ("src-" + name)
-    if name.endswith(".png"):
+def with_rights_xmp(path: Path, packet: str = RIGHTS_XMP) -> Path:
+    """An image at ``path`` whose own XMP is ``packet`` (by default: a creator, rights and data-mining fields)."""
+    if path.suffix == ".png":
         info = PngImagePlugin.PngInfo()
-        info.add_itxt("XML:com.adobe.xmp", RIGHTS_XMP)
-        rgb().save(source, pnginfo=info)
+        info.add_itxt("XML:com.adobe.xmp", packet)
+        rgb().save(path, pnginfo=info)
     else:
-        rgb().save(source, xmp=RIGHTS_XMP.encode())
-    out = tmp_path / name
-    out.write_bytes(source.read_bytes())
-    for n in (3, 4):  # written twice: ours is replaced, theirs kept once
-        write_attribution_in_place(out, make_attribution(n=n))
-    root = xmp_of(out)
+        rgb().save(path, xmp=packet.encode())
+    return path
+
+
+def assert_rights_kept_once(root) -> None:
     texts = [e.text for e in root.iter() if e.text and e.text.strip()]
     for kept in ("Ana Artist", "(c) Ana Artist", "No AI training", "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED"):
         assert texts.count(kept) == 1, (kept, texts)
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg", "a.webp"])
+def test_writing_credits_keeps_the_images_own_rights_metadata(tmp_path, name):
+    out = tmp_path / name
+    out.write_bytes(with_rights_xmp(tmp_path / ("src-" + name)).read_bytes())
+    for n in (3, 4):  # written twice: ours is replaced, theirs kept once
+        write_attribution_in_place(out, make_attribution(n=n))
+    root = xmp_of(out)
+    assert_rights_kept_once(root)
     assert [e.text for e in root.iter(f"{IPTC}DigitalSourceType")] == [metadata.DIGITAL_SOURCE_TYPE]
     report = inspect_image(out)
     assert report["agree"] is True and report["carriers"]["xmp"]["credits"] == 4
@@ -336,18 +344,9 @@ def test_xmp_with_entities_is_refused_not_expanded(tmp_path):
 def test_saving_an_opened_image_keeps_its_xmp_rights(tmp_path, name):
     """An image opened from disk (an img2img source, a re-save) keeps its own XMP through
     save_with_attribution, with our credits merged in as in place."""
-    source = tmp_path / ("src-" + name)
-    if name.endswith(".png"):
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("XML:com.adobe.xmp", RIGHTS_XMP)
-        rgb().save(source, pnginfo=info)
-    else:
-        rgb().save(source, xmp=RIGHTS_XMP.encode())
-    with Image.open(source) as image:
+    with Image.open(with_rights_xmp(tmp_path / ("src-" + name))) as image:
         out = save_with_attribution(image, tmp_path / name, make_attribution())
-    texts = [e.text for e in xmp_of(out).iter() if e.text and e.text.strip()]
-    for kept in ("Ana Artist", "(c) Ana Artist", "No AI training", "http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED"):
-        assert texts.count(kept) == 1, (kept, texts)
+    assert_rights_kept_once(xmp_of(out))
     assert [e.text for e in xmp_of(out).iter(f"{IPTC}DigitalSourceType")] == [metadata.DIGITAL_SOURCE_TYPE]
     assert inspect_image(out)["agree"] is True
 
@@ -357,14 +356,7 @@ def test_xmp_that_cannot_be_parsed_is_refused_not_replaced(tmp_path, name):
     """A stray '&' makes the packet unparseable: replacing it would silently destroy the rights it
     holds, so writing credits is refused by name (in place: the file unchanged), and the error says
     what to do."""
-    broken = RIGHTS_XMP.replace("(c) Ana Artist", "(c) Ana & Co")
-    path = tmp_path / name
-    if name.endswith(".png"):
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("XML:com.adobe.xmp", broken)
-        rgb().save(path, pnginfo=info)
-    else:
-        rgb().save(path, xmp=broken.encode())
+    path = with_rights_xmp(tmp_path / name, RIGHTS_XMP.replace("(c) Ana Artist", "(c) Ana & Co"))
     original = path.read_bytes()
     with pytest.raises(FastattrError, match=rf"^{path}: its XMP packet cannot be parsed \(not well-formed.*"
                                             r"would lose .*rights.*strip it"):
