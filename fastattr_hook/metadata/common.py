@@ -28,14 +28,14 @@ _BYTES_PER_CHUNK = 4096   # (encoders write image data in chunks of 8 KiB or mor
 def _read_capped(path: Path, limit: int, what: str) -> bytes:
     """The whole of ``path`` when it is a regular file of at most ``limit`` bytes: a FIFO would block,
     and a huge (or sparse) file would cost its size in memory before anything could look at it."""
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise FastattrError(f"{path}: not a regular file")
-        if info.st_size > limit:
-            raise FastattrError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} bytes fastattr reads "
-                                f"{what}; it was not read")
-        with open(path, "rb") as f:
+    try:  # opened non-blocking and checked with fstat: no window in which the path becomes a FIFO
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise FastattrError(f"{path}: not a regular file")
+            if info.st_size > limit:
+                raise FastattrError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} bytes fastattr "
+                                    f"reads {what}; it was not read")
             data = f.read(info.st_size + 1)  # not read(limit): that allocates the limit up front
     except FileNotFoundError:
         raise FastattrError(f"{path}: no such file") from None
