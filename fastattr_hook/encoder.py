@@ -25,6 +25,7 @@ from .files import sha256_file
 from .config import load_yaml, to_dict
 from .errors import FastattrError
 from .head import AttributionHead, load_head
+from .inputs import check_image_size
 
 BackboneKind = Literal["open_clip_image", "open_clip_text", "timm_image"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -264,7 +265,10 @@ class Encoder:
 
 
 def _as_pil(image) -> Image.Image:
+    """RGB, within the manifest's pixel and aspect limits (a 3,000,000 x 1 strip would need gigabytes
+    once resized to the backbones' short side)."""
     if isinstance(image, Image.Image):
+        check_image_size(*image.size, "image to embed", "it")
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
@@ -274,6 +278,7 @@ def _as_pil(image) -> Image.Image:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
             raise FastattrError(f"image array must be HxWxC with C in 1/3/4, got shape {image.shape}")
+        check_image_size(image.shape[1], image.shape[0], "image to embed", "it")
         if image.dtype != np.uint8:  # floats in [0, 1]
             image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
         return Image.fromarray(image[..., :3] if image.shape[-1] != 1 else image[..., 0]).convert("RGB")

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import FastattrError
 
 __all__ = ["InputRejected", "MAX_ASPECT", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "MAX_TEXT_CHARS", "as_rgb",
-           "check_text", "decode_image", "open_image", "read_image_bytes"]
+           "check_image_size", "check_text", "decode_image", "open_image", "read_image_bytes"]
 
 MAX_TEXT_CHARS = 100_000  # any text value
 MAX_IMAGE_BYTES = 64 * 2**20
@@ -84,7 +84,7 @@ def decode_image(data: bytes, source: str, subject: str) -> Image.Image:
     """The image fully decoded as RGB, so a truncated file fails here and not inside a batch."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            _check_size(*image.size, source, subject)
+            check_image_size(*image.size, source, subject)
             image.load()
             return as_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -99,7 +99,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return decode_image(read_image_bytes(path, path, "the image", "no such file; check the path"), path, "the image")
 
 
-def _check_size(width: int, height: int, source: str, subject: str) -> None:
+def check_image_size(width: int, height: int, source: str, subject: str) -> None:
     """From the header alone: a decompression bomb or a 3,000,000 x 1 strip (whose resize to the
     encoder's 224-pixel short side would need gigabytes) is an error, not a MemoryError."""
     if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_ASPECT * max(1, min(width, height)):

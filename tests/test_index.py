@@ -115,12 +115,18 @@ def test_cli_attribute_writes_signed_credits_that_inspect_reads(exact_bundle, sa
     assert "fastattr" not in Image.open(image).info  # the source image is untouched
 
 
-def test_attribute_refuses_a_prompt_by_its_index(exact_bundle):
+def test_attribute_refuses_a_prompt_or_image_beyond_the_manifest_limits(exact_bundle):
     attributor, image = Attributor.from_bundle(exact_bundle), Image.new("RGB", (32, 32))
     with pytest.raises(FastattrError, match=r"prompts\[1\]: the prompt is not valid UTF-8 text \(the byte 0xFF"):
         attributor.attribute([image, image], ["a red circle", "a blue \udcff ring"])  # argv's surrogateescape
     with pytest.raises(FastattrError, match=r"prompts\[0\]: the prompt contains a NUL byte"):
         attributor.attribute([image], "a red\x00 circle")
+    strip = np.zeros((1, 3000, 3), np.uint8)  # images in memory: the manifest's pixel and aspect limits too
+    with pytest.raises(FastattrError, match=r"image to embed: it is 3000 x 1 pixels \(at most 64 Mpixels and an "
+                                            r"aspect ratio of 32:1\)"):
+        attributor.attribute([Image.fromarray(strip)], "a red circle")
+    with pytest.raises(FastattrError, match=r"it is 3000 x 1 pixels"):
+        attributor.attribute([strip], "a red circle")
 
 
 def test_attributor_is_thread_safe(exact_bundle, sandbox, rows):
