@@ -130,15 +130,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+def writer_lock(path: str | os.PathLike, keep: bool = True) -> Iterator[None]:
     """Hold the exclusive lock of ``path``'s writers: ``.<name>.lock`` beside it (the folder itself is
     replaced by each change). Without it, two writers would each stage from the same state and the
     last swap would silently undo the other's change, an opt-out above all. The kernel releases the
     lock when its process dies, so a killed writer never leaves it held; what it left of an
-    ``atomic_dir`` change is cleaned up by the next one to hold the lock (no live writer is staging)."""
+    ``atomic_dir`` change is cleaned up by the next one to hold the lock (no live writer is staging).
+    ``keep`` false (a build, which only has to keep a second build of the same folder out, and finds
+    the folder there once it holds the lock) removes the lock file when done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -150,6 +153,8 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # killed while staging
             shutil.rmtree(stale, ignore_errors=True)
         yield
+        if not keep:
+            lock.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -147,7 +147,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
                             f"{work / 'rejects-manifest.jsonl'} (an empty or header-only manifest has none)")
     vectors, items, rejects = _merge_chunks(work, accepted)
     backend, params = (options.backend, options.backend_params) if options.backend else default_index(len(vectors))
-    with writer_lock(out), atomic_dir(out) as tmp:
+    with writer_lock(out, keep=False), atomic_dir(out) as tmp:
         if out.exists():  # checked again, under the lock: two builds into one --out must not swap in turn
             raise FastattrError(f"{out}: another build wrote it while this one embedded; choose another --out")
         index = create_index(backend, encoder.dim, params, n_items_hint=len(vectors))
