@@ -96,7 +96,16 @@ def test_sharded_index_merges_any_backends_and_is_read_only():
     reference.add(np.arange(600), vectors)
     queries = rng.standard_normal((40, 32)).astype(np.float32)
     assert len(merged) == 600
-    assert recall_at_k(merged.search(queries, 10)[0], reference.search(queries, 10)[0], 10) >= 0.99
+    found, scores = merged.search(queries, 10)
+    # the merge is exact: the best 10 of the shards' own top 10s
+    own = [part.search(queries, 10) for part in parts]
+    keys, own_scores = np.concatenate([k for k, _ in own], axis=1), np.concatenate([s for _, s in own], axis=1)
+    best = np.argsort(-own_scores, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(found, np.take_along_axis(keys, best, axis=1))
+    np.testing.assert_allclose(scores, np.take_along_axis(own_scores, best, axis=1), atol=1e-6)
+    # usearch's graph is built on every core, so its shard's recall varies a little between runs on these
+    # 32-d Gaussian vectors (a fresh CI run measured 0.9875 at k = 10)
+    assert recall_at_k(found, reference.search(queries, 10)[0], 10) >= 0.98
     with pytest.raises(FastattrError, match="sharded index is read-only.*index compact"):
         merged.add(np.array([600]), vectors[:1])
     with pytest.raises(FastattrError, match="one dimension"):
