@@ -114,10 +114,14 @@ def test_sharded_index_merges_any_backends_and_is_read_only():
     lossy.add(np.arange(300, 600), vectors[300:])
     merged = ShardedIndex([parts[0], lossy])
     assert merged.lossy and not ShardedIndex(parts).lossy
-    found, scores = merged.rerank_with(vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).search(queries, 10)
-    want, exact_scores = reference.search(queries, 10)
-    np.testing.assert_array_equal(found, want)
-    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    found, scores = merged.rerank_with(unit).search(queries, 10)
+    # every score is re-computed on float32 vectors, in order; the lossy shard's graph search may still miss
+    # a neighbour now and then (a CI run missed 1 of 400), so its recall is bounded, not exact
+    unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", unit_queries, unit[found]), atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    assert recall_at_k(found, reference.search(queries, 10)[0], 10) >= 0.98
 
 
 def test_compact_deletes_removed_items_for_good_and_keeps_keys_and_results(sharded, micro_sandbox, rows, tmp_path):
