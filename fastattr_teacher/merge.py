@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from fastattr_hook import __version__
 from fastattr_hook.files import atomic_open, sha256_file
@@ -86,6 +87,7 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
         "train_keys": plan.train_keys, "train_ids": plan.train_ids,
         "variants": np.array(variants, dtype=str), "variant_tau": variant_tau,
     }
+    fishers = _fisher_fingerprints(job, variants, out.with_suffix(".yaml"), config_path)
     with atomic_open(out, "wb") as f:
         np.savez(f, **arrays)
     splits = {split: [i for i, q in enumerate(done) if q.split == split] for split in ("train", "test")}
@@ -103,8 +105,7 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
             "distinct_prompts": {split: len(p) for split, p in prompts.items()},
             "shared": len(prompts["train"] & prompts["test"])},
         "fingerprints": {"model": plan.meta["model"], "manifest": plan.meta["manifest"],
-                         "bundle": plan.meta["bundle"], "fisher": sha256_file(job.fisher_path),
-                         **{f"fisher@{v}": sha256_file(job.fisher_path_for(v)) for v in variants}},
+                         "bundle": plan.meta["bundle"], **fishers},
         "counts": {"queries": len(done), "missing": len(missing), "candidates": int(arrays["offsets"][-1]),
                    "training_items": plan.meta["training_items"], **{split: len(ix) for split, ix in splits.items()}},
         "teacher_seconds": {split: {"total": round(float(arrays["seconds"][ix].sum()), 3),
@@ -113,3 +114,24 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
     }
     save_yaml(manifest, out.with_suffix(".yaml"))
     return out
+
+
+def _fisher_fingerprints(job: CurationJob, variants: list[str], manifest: Path, config_path: str | Path) -> dict:
+    """sha256 of each Fisher the results were scored with. The Fisher files are not committed (results
+    are), so on a fresh clone a fingerprint is carried over from the dataset's previous manifest."""
+    try:
+        previous = yaml.safe_load(manifest.read_text(encoding="utf-8"))["fingerprints"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        previous = {}
+    if not isinstance(previous, dict):
+        previous = {}
+    fingerprints = {}
+    for name, path in [("fisher", job.fisher_path), *((f"fisher@{v}", job.fisher_path_for(v)) for v in variants)]:
+        if path.is_file():
+            fingerprints[name] = sha256_file(path)
+        elif isinstance(previous.get(name), str):
+            fingerprints[name] = previous[name]
+        else:
+            raise FastattrError(f"{path}: missing, and no previous {manifest.name} records its fingerprint; run "
+                                f"`fastattr teacher fisher --config {config_path}` (it recomputes the same Fisher)")
+    return fingerprints

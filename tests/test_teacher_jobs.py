@@ -152,6 +152,18 @@ def test_plan_and_merged_dataset(reference, micro_sandbox, tmp_path):
     assert partial["query_id"].tolist() == data["query_id"].tolist()[:3]
     assert np.array_equal(partial["tau"], data["tau"][:12])
 
+    # A fresh clone holds the results, not the Fisher: the merge carries its fingerprint over from the
+    # previous manifest, and without one names the missing file and the command that remakes it.
+    (Path(job.out) / "fisher.safetensors").unlink()
+    merge(job, allow_partial=True)
+    assert yaml.safe_load((Path(job.out) / "distill.yaml").read_text())["fingerprints"] == made["fingerprints"]
+    (Path(job.out) / "distill.yaml").unlink()
+    (Path(job.out) / "distill.npz").unlink()
+    with pytest.raises(FastattrError, match=r"fisher\.safetensors: missing, and no previous distill\.yaml records "
+                                            r"its fingerprint; run `fastattr teacher fisher"):
+        merge(job, allow_partial=True)
+    assert not (Path(job.out) / "distill.npz").exists()  # refused before anything is written
+
 
 @pytest.mark.slow  # the README command stays under 5 minutes; .ci/run runs the slow lane after it
 def test_same_config_twice_gives_identical_results(reference, micro_sandbox, tmp_path):
