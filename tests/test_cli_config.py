@@ -93,6 +93,19 @@ class _Config:
     mode: str | None = None
 
 
+def test_a_file_name_that_is_not_utf8_prints_as_its_bytes(tmp_path):
+    """A UTF-8 locale's stdout is strict; a non-UTF-8 file name in a message must not crash the command."""
+    import os
+
+    out = os.path.join(os.fsencode(tmp_path), b"prompts-\xff.jsonl")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([sys.executable, "-m", "fastattr_cli", "sandbox", "prompts", "--count", "2", "--out", out],
+                            capture_output=True, env=env)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.startswith(out + b": 2 held-out query prompts")
+    assert os.path.isfile(out)
+
+
 def test_yaml_schema_accepts_valid_and_names_bad_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ninner: {size: 3}\ntags: [a, b]\n")
