@@ -459,13 +459,15 @@ class FaissIndex(VectorIndex):
     """Any faiss ``index_factory`` string over inner product, in ``index.faiss``.
 
     IVF indexes store our keys natively; the others are wrapped in ``IndexIDMap2``. Factories that
-    need training (IVF, PQ) train on the vectors of the first ``add``. ``efSearch`` (HNSW) and
-    ``nprobe`` (IVF) are set on the index where they apply. With ``gpu`` true, a ``view=True`` index is
+    need training (IVF, PQ) train on the vectors of the first ``add``. ``efConstruction`` (HNSW, used
+    by ``add``; faiss' default 40), ``efSearch`` (HNSW) and ``nprobe`` (IVF) are set on the index where
+    they apply. With ``gpu`` true, a ``view=True`` index is
     copied to GPU 0 when faiss sees one and implements the type there (not HNSW).
     """
 
     backend = "faiss"
-    defaults: ClassVar[dict[str, Any]] = {"factory": "HNSW32", "efSearch": 128, "nprobe": 16, "gpu": True}
+    defaults: ClassVar[dict[str, Any]] = {"factory": "HNSW32", "efConstruction": 40, "efSearch": 128, "nprobe": 16,
+                                          "gpu": True}
     file_name = "index.faiss"
 
     def __init__(self, dim: int, params: dict[str, Any], index, view: bool) -> None:
@@ -500,11 +502,11 @@ class FaissIndex(VectorIndex):
         """Resolved params: factory, gpu, and the search parameters that apply to ``index`` (now set on it)."""
         params = dict(params or {})
         resolved = _resolve_params(cls.backend, params, cls.defaults)
-        _check_positive_ints(cls.backend, params, ("efSearch", "nprobe"))
+        _check_positive_ints(cls.backend, params, ("efConstruction", "efSearch", "nprobe"))
         if not isinstance(resolved["gpu"], bool):
             raise FastattrError(f"backend 'faiss': parameter 'gpu' must be true or false, got {resolved['gpu']!r}")
         space = faiss.ParameterSpace()
-        for name in ("efSearch", "nprobe"):
+        for name in ("efConstruction", "efSearch", "nprobe"):
             try:
                 space.set_index_parameter(index, name, resolved[name])
             except RuntimeError:

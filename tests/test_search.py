@@ -273,6 +273,8 @@ def test_unknown_backend_lists_the_valid_ones():
     ("usearch", {"dtype": "f64"}, "'dtype' must be one of f32, f16, i8"),
     ("usearch", {"expansion_search": 0}, "'expansion_search' must be a positive integer"),
     ("faiss", {"factory": "HNSW32", "nprobe": 8}, "'nprobe' does not apply to factory 'HNSW32'"),
+    ("faiss", {"factory": "IVF4,Flat", "efConstruction": 80}, "'efConstruction' does not apply to factory 'IVF4,Flat'"),
+    ("faiss", {"efConstruction": 0}, "'efConstruction' must be a positive integer"),
     ("faiss", {"factory": "NotAnIndex"}, "'factory' 'NotAnIndex' is not a valid faiss index factory"),
     ("faiss", {"factory": "Flat", "gpu": "yes"}, "'gpu' must be true or false"),
 ])
@@ -289,8 +291,19 @@ def test_defaults_fill_the_stored_params():
                                                    "expansion_search": 256}
     assert create_index("usearch", DIM, {"dtype": "f32"}).params["dtype"] == "f32"
     pytest.importorskip("faiss")
-    assert create_index("faiss", DIM).params == {"factory": "HNSW32", "efSearch": 128, "gpu": True}
+    assert create_index("faiss", DIM).params == {"factory": "HNSW32", "efConstruction": 40, "efSearch": 128,
+                                                 "gpu": True}
     assert create_index("faiss", DIM, {"factory": "Flat"}).params == {"factory": "Flat", "gpu": True}
+
+
+def test_faiss_hnsw_builds_with_the_given_ef_construction(small):
+    faiss = pytest.importorskip("faiss")
+    keys, vectors, queries = small
+    index = create_index("faiss", DIM, {"factory": "HNSW32,SQ8", "efConstruction": 96})
+    graph = faiss.downcast_index(faiss.downcast_index(index._index).index)  # IndexIDMap2 -> IndexHNSWSQ
+    assert graph.hnsw.efConstruction == 96 and index.params["efConstruction"] == 96
+    index.add(keys, vectors)
+    assert index.search(queries, 5)[0].shape == (len(queries), 5)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
