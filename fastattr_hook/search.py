@@ -461,8 +461,8 @@ class FaissIndex(VectorIndex):
     IVF indexes store our keys natively; the others are wrapped in ``IndexIDMap2``. Factories that
     need training (IVF, PQ) train on the vectors of the first ``add``. ``efConstruction`` (HNSW, used
     by ``add``; faiss' default 40), ``efSearch`` (HNSW) and ``nprobe`` (IVF) are set on the index where
-    they apply. With ``gpu`` true, a ``view=True`` index is
-    copied to GPU 0 when faiss sees one and implements the type there (not HNSW).
+    they apply. With ``gpu`` true, a ``view=True`` index is copied to GPU 0 when faiss sees one and
+    implements the type there (not HNSW).
     """
 
     backend = "faiss"
@@ -499,7 +499,8 @@ class FaissIndex(VectorIndex):
 
     @classmethod
     def _params(cls, faiss, index, params: dict) -> dict[str, Any]:
-        """Resolved params: factory, gpu, and the search parameters that apply to ``index`` (now set on it)."""
+        """Resolved params: factory, gpu, and the build and search parameters that apply to ``index`` (now
+        set on it)."""
         params = dict(params or {})
         resolved = _resolve_params(cls.backend, params, cls.defaults)
         _check_positive_ints(cls.backend, params, ("efConstruction", "efSearch", "nprobe"))
