@@ -10,7 +10,9 @@ and the CLIP ViT-B/32 text tower (open_clip) concatenated, 1280-d, then the attr
 values. It goes through ``Attributor.attribute()``, the code a pipeline callback runs, on a bundle
 whose index holds ``--sizes`` synthetic vectors (``search_scale.make_corpus``) with the default
 backend for that size, and reports per image: encoding, search, the rest, and the end-to-end
-time against the paper's 18.7 ms per query on an A100. ``--dtype`` runs the encoder under autocast.
+time against the paper's 18.7 ms per query on an A100. The head's own cost is timed side by side
+on the same backbone features (the tuned ``embed_features`` against the untuned one, which only
+normalises): issue 10's "attribution speed unchanged within 10%" on these backbones. ``--dtype`` runs the encoder under autocast.
 ``--gpu-flat-sizes`` times brute-force search on the GPU (fp16 product + topk, what faiss-GPU Flat
 does), the published method's own approach, at sizes where building an HNSW bundle would not fit
 a short GPU loan. The lent GPU machine has torch, timm and no registry: carry wheels of usearch,
@@ -90,6 +92,21 @@ def time_attribute(attributor: Attributor, images, prompts, batch: int, repeats:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
+def head_ms(encoder, features: np.ndarray, repeats: int) -> tuple[float, float]:
+    """ms per image of ``embed_features`` with the head and without it (untuned), interleaved."""
+    head, tuned, untuned = encoder.head, [], []
+    try:
+        for _ in range(repeats + 1):  # the first pass warms up
+            for timings, use_head in ((tuned, head), (untuned, None)):
+                encoder.head = use_head
+                start = time.perf_counter()
+                encoder.embed_features(features)
+                timings.append(1e3 * (time.perf_counter() - start) / len(features))
+    finally:
+        encoder.head = head
+    return statistics.median(tuned[1:]), statistics.median(untuned[1:])
+
+
 def gpu_exact_ms(vectors: np.ndarray, queries: np.ndarray, repeats: int) -> dict:
     """Brute-force top-10 on the GPU (fp16 matrix product + topk): the published method's search."""
     database = torch.from_numpy(vectors).to("cuda", torch.float16)
@@ -140,12 +157,17 @@ def main() -> None:
                                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16):
                     row = {"n": n, "backend": attributor.manifest.backend, "batch": batch,
                            **time_attribute(attributor, images, prompts, batch, args.repeats)}
+                    features = attributor.encoder.features(images[:batch], prompts[:batch])
+                    row["head"], row["untuned_normalise"] = head_ms(attributor.encoder, features, 20 * args.repeats)
                 row["rest"] = row["end_to_end"] - row["encode"] - row["search"]
                 row["vs_paper_a100"] = PAPER_A100_MS / row["end_to_end"]
+                row["tuned_vs_untuned_encode"] = row["encode"] / (row["encode"] - row["head"] + row["untuned_normalise"])
                 rows.append(row)
                 print(f"N {n:>10,} ({row['backend']}) batch {batch:>3}: {row['end_to_end']:8.2f} ms/image end to end = "
                       f"encode {row['encode']:.2f} + search {row['search']:.3f} + rest {row['rest']:.3f}; "
-                      f"paper's A100 18.7 ms / this = {row['vs_paper_a100']:.2f}", flush=True)
+                      f"paper's A100 18.7 ms / this = {row['vs_paper_a100']:.2f}; head {row['head']:.3f} ms "
+                      f"(untuned: {row['untuned_normalise']:.3f}), tuned / untuned encoding "
+                      f"{row['tuned_vs_untuned_encode']:.4f}", flush=True)
     for n in args.gpu_flat_sizes:
         vectors, queries = make_corpus(n, 256)
         for name, ms in gpu_exact_ms(vectors, queries, args.repeats).items():

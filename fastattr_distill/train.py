@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from .metrics import average_precision, spearman
 
 log = logging.getLogger(__name__)
 PATH_KEYS = ("dataset", "encoder", "out", "cache")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class DistillConfig:
     epochs: int = 10
     batch_size: int = 4096  # pairs per optimizer step, over all processes
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": epoch e trains at lr * (1 + cos(pi * e / epochs)) / 2
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     outlier_rate: float = 0.1
@@ -95,7 +98,8 @@ def load_config(path: str | Path) -> DistillConfig:
               (config.block_items is None or 1 <= config.block_items <= config.batch_size, "block_items",
                "null or between 1 and batch_size"),
               (config.block_items is None or config.outlier_rate == 0, "outlier_rate",
-               "0 with block_items (whole-set rankings have no item outside a query's candidates)")]
+               "0 with block_items (whole-set rankings have no item outside a query's candidates)"),
+              (config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")]
     for ok, key, rule in checks:
         if not ok:
             raise FastattrError(f"{path}: key '{key}' must be {rule}")
@@ -377,6 +381,8 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)  # dropout
         count, batches = epoch_batches(config, pairs, labels, train_q, len(data.train_keys), rng)
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(config, epoch)
         scorer.train()
         total, seen, start = 0.0, 0, time.perf_counter()
         bar = tqdm(total=count, desc=f"epoch {epoch + 1}/{config.epochs}", unit="pair", unit_scale=True,
@@ -425,11 +431,21 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     return tuned
 
 
+def epoch_lr(config: DistillConfig, epoch: int) -> float:
+    """The learning rate of (0-based) ``epoch``: constant, or a cosine decay per epoch that ends near 0
+    (a function of the epoch alone, so a resumed run continues the same schedule)."""
+    if config.lr_schedule == "cosine":
+        return config.lr * (1 + math.cos(math.pi * epoch / config.epochs)) / 2
+    return config.lr
+
+
 def _settings(config: DistillConfig, data: DistillDataset) -> dict:
     """What the trained head depends on (paths excluded): a checkpoint with others is not resumed.
-    ``epochs`` is not among them: epoch e draws from (seed, e) and there is no schedule, so raising
-    ``epochs`` continues a finished run exactly as a longer run would have gone."""
-    values = {k: v for k, v in to_dict(config).items() if k not in (*PATH_KEYS, "device", "name", "epochs")}
+    With a constant learning rate ``epochs`` is not among them: epoch e draws from (seed, e), so raising
+    ``epochs`` continues a finished run exactly as a longer run would have gone (a cosine schedule
+    depends on it)."""
+    ignored = (*PATH_KEYS, "device", "name") + (("epochs",) if config.lr_schedule == "constant" else ())
+    values = {k: v for k, v in to_dict(config).items() if k not in ignored}
     return {**values, "dataset": data.fingerprint}
 
 

@@ -209,6 +209,20 @@ def test_raising_epochs_continues_a_finished_run(trained, dataset, micro_sandbox
     assert all(torch.equal(a[k], b[k]) for k in a)  # 2 + 1 epochs = the 3-epoch run, bit for bit
 
 
+def test_cosine_schedule_decays_per_epoch_and_binds_epochs(dataset, micro_sandbox, tmp_path):
+    from fastattr_distill.train import epoch_lr
+
+    path = write_config(tmp_path, dataset, micro_sandbox, epochs=2, lr_schedule="cosine")
+    config = load_config(path)
+    assert [epoch_lr(config, e) for e in range(2)] == pytest.approx([1e-3, 5e-4])
+    tuned = train(config, path)
+    history = json.loads((tuned.parent / "train.json").read_text())
+    assert history["settings"]["lr_schedule"] == "cosine" and history["settings"]["epochs"] == 2
+    path.write_text(path.read_text().replace("epochs: 2", "epochs: 3"))  # another schedule: no silent resume
+    with pytest.raises(FastattrError, match="made with other settings"):
+        train(load_config(path), path)
+
+
 def test_evaluation_report(trained, dataset, micro_sandbox, tmp_path):
     data = load_dataset(dataset)
     baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
@@ -241,6 +255,8 @@ def test_bad_input_is_named(dataset, micro_sandbox, tmp_path):
         load_dataset(tmp_path / "nothing.npz")
     with pytest.raises(FastattrError, match="outlier_rate"):
         load_config(write_config(tmp_path / "b", dataset, micro_sandbox, outlier_rate=1.5))
+    with pytest.raises(FastattrError, match="'lr_schedule' must be one of"):
+        load_config(write_config(tmp_path / "b", dataset, micro_sandbox, lr_schedule="linear"))
     # a dataset whose teacher scored another manifest
     (tmp_path / "c").mkdir()
     other = tmp_path / "c" / "distill.npz"
