@@ -39,7 +39,7 @@ class DistillDataset:
     train_keys: np.ndarray  # [N] the training table (bundle keys), the order item features follow
     train_ids: np.ndarray
     variants: list[str]
-    variant_tau: np.ndarray  # [V, C], NaN outside the test queries
+    variant_tau: np.ndarray  # [V, C], NaN where the variant did not run (train queries: job key 'train_variants')
     parts: tuple[Path, ...] = ()  # the files of a combined dataset (``load_datasets``), else just ``path``
 
     @property
@@ -59,6 +59,32 @@ class DistillDataset:
 
     def candidates(self, q: int) -> slice:
         return slice(int(self.offsets[q]), int(self.offsets[q + 1]))
+
+    def with_averaged_labels(self, variants: list[str], source: str) -> "DistillDataset":
+        """Train queries' ``tau`` (and ``rank``) replaced by the mean of the main run and these
+        teacher variants, over the runs each query has: less label noise. Test queries keep the main
+        run, the one every evaluation compares against."""
+        unknown = [v for v in variants if v not in self.variants]
+        if unknown:
+            raise FastattrError(f"{source}: key 'label_variants': '{unknown[0]}' is not a teacher variant of "
+                                f"{self.path} ({self.variants}); name one of its job's 'train_variants'")
+        if not variants:
+            return self
+        runs = np.vstack([self.tau[None], self.variant_tau[[self.variants.index(v) for v in variants]]])
+        train = np.zeros(len(self.tau), dtype=bool)
+        for q in self.queries("train"):
+            train[self.candidates(q)] = True
+        tau = np.where(train, np.nanmean(runs, axis=0), self.tau)
+        rank = self.rank.copy()
+        for q in self.queries("train"):
+            span = self.candidates(q)
+            rank[span] = np.argsort(np.argsort(-tau[span], kind="stable"), kind="stable")
+        return dataclasses.replace(self, tau=tau, rank=rank)
+
+    def label_runs(self, variants: list[str]) -> np.ndarray:
+        """[Q] teacher runs behind each query's label: 1 + the ``variants`` scored for it."""
+        first = self.offsets[:-1]
+        return 1 + (~np.isnan(self.variant_tau[[self.variants.index(v) for v in variants]][:, first])).sum(axis=0)
 
     def item_rows(self, keys: np.ndarray) -> np.ndarray:
         """Rows of the training table for bundle keys."""
@@ -109,7 +135,7 @@ def load_dataset(path: str | Path) -> DistillDataset:
 def load_datasets(paths: str | Path | list[str | Path]) -> DistillDataset:
     """One dataset, or several scored by the same teacher on the same model and training table (e.g.
     a job of more train queries next to the first one) as one: queries and candidates concatenated in
-    the given order (teacher variants: the first dataset's). Refused, naming the file: another model,
+    the given order (teacher variants: the first dataset's, wherever a dataset has them). Refused, naming the file: another model,
     manifest, training table or teacher settings, or a train prompt that is a test prompt of any of them."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -140,7 +166,10 @@ def load_datasets(paths: str | Path | list[str | Path]) -> DistillDataset:
                                 f"together; make the later job's prompts with `fastattr sandbox prompts --exclude`")
     sizes = np.cumsum([0] + [len(d.key) for d in sets])
     variant_tau = np.full((len(first.variants), sizes[-1]), np.nan)
-    variant_tau[:, :len(first.key)] = first.variant_tau
+    for d, start in zip(sets, sizes):
+        for row, name in enumerate(first.variants):
+            if name in d.variants:
+                variant_tau[row, start:start + len(d.key)] = d.variant_tau[d.variants.index(name)]
     cat = {name: np.concatenate([getattr(d, name) for d in sets])
            for name in ("query_id", "split", "prompt", "seed", "image", "key", "tau", "rank")}
     offsets = np.concatenate([first.offsets[:1]] + [d.offsets[1:] + start for d, start in zip(sets, sizes)])

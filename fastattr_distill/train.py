@@ -77,6 +77,7 @@ class DistillConfig:
     outlier_rate: float = 0.1
     pairs_per_query: int | None = None  # per epoch, a fresh random draw of this many candidates per query (None: all)
     block_items: int | None = None  # whole-set rankings: steps of batch_size // block_items queries x block_items items
+    label_variants: list[str] = field(default_factory=list)  # teacher variants averaged into train labels where scored
     val_fraction: float = 0.1  # train queries held out to pick the best epoch
     seed: int = 0
     device: str | None = None  # default: accelerate's device for the process, else cuda when available
@@ -339,7 +340,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     out = Path(config.out)
     spec_path = Path(config.encoder)
     base = Encoder.from_yaml(spec_path, device=device)
-    data = load_datasets(config.dataset)
+    data = load_datasets(config.dataset).with_averaged_labels(config.label_variants, str(config_path))
     cache = config.cache or out / "cache"
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()  # the main process fills the feature store, the others then read it
@@ -425,6 +426,8 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             "initial_validation": state["initial_validation"],
             "history": state["history"], "train_queries": len(train_q), "val_queries": len(val_q),
             "pairs_per_epoch": len(subsample(pairs, config.pairs_per_query, np.random.default_rng(0)).label),
+            "label_runs": {str(k): int(v) for k, v in zip(*np.unique(data.label_runs(config.label_variants)[
+                np.concatenate([train_q, val_q])], return_counts=True))},
             "backbones": base.backbone_fingerprint,
             "manifest": data.meta.get("fingerprints", {}).get("manifest")}, indent=1))
     accelerator.wait_for_everyone()

@@ -80,6 +80,10 @@ class CurationJob:
     # measures the teacher's agreement with itself (the ceiling of any student), another
     # preconditioner compares AbU+ with AbU.
     variants: dict[str, dict] = field(default_factory=dict)
+    # Variants also run on the train queries: a second teacher run of a query, averaged into its
+    # training label (`distill train` key 'label_variants'), halves the label noise a student learns.
+    # Adding one later keeps every finished result.
+    train_variants: list[str] = field(default_factory=list)
 
     @property
     def plan_path(self) -> Path:
@@ -149,12 +153,17 @@ def load_job(path: str | Path) -> CurationJob:
             job.teacher_config(name)
         except FastattrError as exc:
             raise FastattrError(f"{path}: {exc}") from None
+    for name in job.train_variants:
+        if name not in job.variants:
+            raise FastattrError(f"{path}: key 'train_variants': '{name}' is not a name under 'variants' "
+                                f"({sorted(job.variants)}); define it there first")
     return job
 
 
 def settings(job: CurationJob) -> dict:
-    """What the results depend on besides the input files (checked by fingerprint) and paths."""
-    return {k: v for k, v in to_dict(job).items() if k not in PATH_KEYS and k != "device"}
+    """What the results depend on besides the input files (checked by fingerprint) and paths
+    (``train_variants`` only asks for more results)."""
+    return {k: v for k, v in to_dict(job).items() if k not in (*PATH_KEYS, "device", "train_variants")}
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -375,11 +384,14 @@ def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
     if rank != 0:
         return
     plan = load_plan(job, config_path)
+    pending = {v for q, v in teacher_tasks(job, plan) if not job.result_path(q.qid, v).is_file()}
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
     adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher))
     test = np.unique(np.concatenate([q.candidates for q in plan.queries if q.split == "test"] or [[]])).astype(int)
     scored = np.unique(np.concatenate([q.candidates for q in plan.queries]))
     for variant in [None, *job.variants]:
+        if variant not in pending:
+            continue  # every result of this run is in: its Fisher is not needed
         config, path = job.teacher_config(variant), job.fisher_path_for(variant)
         if path.is_file():
             log.info("%s exists; delete it to recompute", path)
@@ -388,26 +400,33 @@ def run_fisher(job: CurationJob, config_path: str | Path = "JOB.yaml") -> None:
             compute_preconditioner(adapter, items, config, checkpoints).save(path)
             shutil.rmtree(checkpoints, ignore_errors=True)
         prepare = item_gradients if config.scoring == "linear" else pretrain_losses
-        todo = scored if variant is None else test
+        todo = scored if variant is None or variant in job.train_variants else test
         for start in range(0, len(todo), LOSS_CHUNK):
             prepare(adapter, [items[i] for i in todo[start:start + LOSS_CHUNK]], config, job.cache_dir)
 
 
+def teacher_tasks(job: CurationJob, plan: Plan) -> list[tuple[Query, str | None]]:
+    """Every (query, variant) result of the job, in scoring order: test queries and their variants
+    first (the evaluation needs them whole; training can start from a partial train split), then
+    the train queries, then their second runs (``train_variants``)."""
+    test = [q for q in plan.queries if q.split == "test"]
+    train = [q for q in plan.queries if q.split != "test"]
+    return ([(q, None) for q in test] + [(q, v) for v in job.variants for q in test] + [(q, None) for q in train]
+            + [(q, v) for v in job.train_variants for q in train])
+
+
 def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[str]:
     """Score this process's share of the (query, variant) jobs that have no result yet; returns
-    their result names. Test queries and their variants come first (the evaluation needs them
-    whole; training can start from a partial train split). Each result is written atomically as
+    their result names, in the order of ``teacher_tasks``. Each result is written atomically as
     soon as it is done, so a kill loses one query at most."""
     rank, world, _, launched = distributed()
     plan = load_plan(job, config_path)
-    for variant in [None, *job.variants]:
+    # Shared out before skipping finished results: every process gets the same share at any moment.
+    mine = [(q, v) for q, v in teacher_tasks(job, plan)[rank::world] if not job.result_path(q.qid, v).is_file()]
+    for variant in dict.fromkeys(v for _, v in mine):
         if not job.fisher_path_for(variant).is_file():
             raise FastattrError(f"{job.fisher_path_for(variant)}: missing; run `fastattr teacher fisher --config "
                                 f"{config_path}` first")
-    test = [q for q in plan.queries if q.split == "test"]
-    tasks = [(q, None) for q in test] + [(q, v) for v in job.variants for q in test]
-    tasks += [(q, None) for q in plan.queries if q.split != "test"]
-    mine = [(q, v) for q, v in tasks[rank::world] if not job.result_path(q.qid, v).is_file()]
     if not mine:
         return []
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))

@@ -37,7 +37,8 @@ ARRAYS = {
     "train_keys": "[N] the training table: bundle keys of every item the teacher may score, key order",
     "train_ids": "[N] their training ids",
     "variants": "[V] names of the extra teacher runs of the test queries (job key 'variants')",
-    "variant_tau": "[V, C] each variant's tau of every candidate (NaN outside the test queries)",
+    "variant_tau": "[V, C] each variant's tau of every candidate (NaN where it did not run: train queries "
+                   "only for job key 'train_variants', and only once scored)",
 }
 
 
@@ -73,8 +74,9 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
     variant_tau = np.full((len(variants), sum(len(r["keys"]) for r in results)), np.nan)
     start = 0
     for query, result in zip(done, results):
-        for v, variant in enumerate(variants if query.split == "test" else []):
-            variant_tau[v, start:start + len(result["keys"])] = read(query, variant)["tau"]
+        for v, variant in enumerate(variants):
+            if query.split == "test" or job.result_path(query.qid, variant).is_file():  # a train query's: if scored
+                variant_tau[v, start:start + len(result["keys"])] = read(query, variant)["tau"]
         start += len(result["keys"])
     arrays = {
         "query_id": np.array([q.qid for q in done]), "split": np.array([q.split for q in done]),
@@ -107,7 +109,9 @@ def merge(job: CurationJob, out: str | Path | None = None, allow_partial: bool =
         "fingerprints": {"model": plan.meta["model"], "manifest": plan.meta["manifest"],
                          "bundle": plan.meta["bundle"], **fishers},
         "counts": {"queries": len(done), "missing": len(missing), "candidates": int(arrays["offsets"][-1]),
-                   "training_items": plan.meta["training_items"], **{split: len(ix) for split, ix in splits.items()}},
+                   "training_items": plan.meta["training_items"], **{split: len(ix) for split, ix in splits.items()},
+                   **({"train_variants": {v: sum(job.result_path(done[i].qid, v).is_file() for i in splits["train"])
+                                          for v in job.train_variants}} if job.train_variants else {})},
         "teacher_seconds": {split: {"total": round(float(arrays["seconds"][ix].sum()), 3),
                                     "per_query": round(float(arrays["seconds"][ix].mean()), 3)}
                             for split, ix in splits.items() if ix},

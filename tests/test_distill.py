@@ -283,6 +283,39 @@ def test_bad_input_is_named(dataset, micro_sandbox, tmp_path):
         Encoder.from_yaml(tmp_path / "bad.yaml", device="cpu")
 
 
+def test_train_variants_add_a_second_label_run_that_training_averages(dataset, micro_sandbox, tmp_path):
+    import shutil
+
+    shutil.copytree(dataset.parent.parent, tmp_path / "job", symlinks=True)
+    path = tmp_path / "job" / "job.yaml"
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "train_variants": ["abu_plus"]}))
+    with pytest.raises(FastattrError, match="'train_variants': 'abu_plus' is not a name under 'variants'"):
+        load_job(path)
+    path.write_text(yaml.safe_dump({**spec, "train_variants": ["seed1"]}))
+    job = load_job(path)  # a finished job takes train_variants: its plan and results stay valid
+    run_fisher(job)
+    assert sorted(score_queue(job)) == sorted(f"train-{i:05d}@seed1" for i in range(8))  # only the new runs
+    data = load_dataset(merge(job, config_path=path))
+    train_rows = np.concatenate([np.arange(data.offsets[q], data.offsets[q + 1]) for q in data.queries("train")])
+    assert not np.isnan(data.variant_tau[0]).any()
+    assert yaml.safe_load(data.path.with_suffix(".yaml").read_text())["counts"]["train_variants"] == {"seed1": 8}
+
+    averaged = data.with_averaged_labels(["seed1"], "train.yaml")
+    assert np.allclose(averaged.tau[train_rows], (data.tau[train_rows] + data.variant_tau[0, train_rows]) / 2)
+    test = data.candidates(data.queries("test")[0])
+    assert np.array_equal(averaged.tau[test], data.tau[test]) and np.array_equal(averaged.rank[test], data.rank[test])
+    span = data.candidates(data.queries("train")[0])
+    assert np.array_equal(np.argsort(averaged.rank[span]), np.argsort(-averaged.tau[span]))  # rank 0 = highest tau
+    assert list(data.label_runs(["seed1"])) == [2] * len(data.query_id)
+    with pytest.raises(FastattrError, match="'label_variants': 'seed2' is not a teacher variant"):
+        data.with_averaged_labels(["seed2"], "train.yaml")
+
+    config = write_config(tmp_path / "train", data.path, micro_sandbox, epochs=1, label_variants=["seed1"])
+    tuned = train(load_config(config), config)
+    assert json.loads((tuned.parent / "train.json").read_text())["label_runs"] == {"2": 8}
+
+
 def _second_dataset(dataset: Path, folder: Path, prompt=lambda old, i: f"{old} number {i}") -> Path:
     """A copy of ``dataset`` as a second, train-only job of the same teacher: new prompts (``prompt``)."""
     folder.mkdir()
