@@ -21,7 +21,10 @@ def _teacher(args) -> int:
                 print(f"{job.plan_path}: {len(plan.queries)} queries over {len(plan.train_ids)} training items")
         elif args.teacher_command == "fisher":
             run_fisher(job, args.config)
-            print(f"{job.fisher_path}: ready, pre-training losses cached in {job.cache_dir}")
+            paths = dict.fromkeys(job.fisher_path_for(v) for v in [None, *job.variants])
+            fishers = [str(p) for p in paths if p.is_file()]
+            print(f"{', '.join(fishers) or 'no Fisher needed (every result is in)'}: ready, pre-training losses "
+                  f"cached in {job.cache_dir}")
         elif args.teacher_command == "score":
             done = score_queue(job, args.config)
             print(f"{job.out}: scored {len(done)} queries in this process")
