@@ -135,8 +135,9 @@ def load_dataset(path: str | Path) -> DistillDataset:
 def load_datasets(paths: str | Path | list[str | Path]) -> DistillDataset:
     """One dataset, or several scored by the same teacher on the same model and training table (e.g.
     a job of more train queries next to the first one) as one: queries and candidates concatenated in
-    the given order (teacher variants: the first dataset's, wherever a dataset has them). Refused, naming the file: another model,
-    manifest, training table or teacher settings, or a train prompt that is a test prompt of any of them."""
+    the given order (teacher variants: the first dataset's, wherever a dataset has them). Refused,
+    naming the file: another model, manifest, training table or teacher settings, or a train prompt
+    that is a test prompt of any of them."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise FastattrError("no distillation dataset given; list at least one distill.npz")
