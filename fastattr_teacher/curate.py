@@ -216,11 +216,16 @@ def load_plan(job: CurationJob, config_path: str | Path = "JOB.yaml") -> Plan:
     recorded, current = dict(plan.meta["settings"]), settings(job)
     # Settings added since the plan was made hold their defaults there.
     recorded["teacher"] = {**to_dict(TeacherConfig()), **recorded.get("teacher", {})}
-    recorded.setdefault("variants", {})
+    recorded["variants"] = dict(recorded.get("variants", {}))
+    added = {name: value for name, value in current["variants"].items() if name not in recorded["variants"]}
+    recorded["variants"].update(added)  # a new variant only adds results; a changed one would mix them
     changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
     if changed:
         raise FastattrError(f"{config_path}: key '{changed[0]}' differs from the plan in {job.out} "
                             f"({recorded.get(changed[0])!r} there); use a new 'out' folder for new settings")
+    if added:  # recorded, so that changing it later is refused like any other setting
+        plan.meta["settings"] = {**plan.meta["settings"], "variants": recorded["variants"]}
+        plan.save(job.plan_path)
     return plan
 
 

@@ -19,7 +19,7 @@ from fastattr_distill.train import (Pairs, epoch_batches, load_config, rank_tabl
                                     with_outliers)
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
-from fastattr_teacher.curate import curate, load_job, run_fisher, score_queue
+from fastattr_teacher.curate import curate, load_job, load_plan, run_fisher, score_queue
 from fastattr_teacher.merge import merge
 
 JOB = {"train_queries": 8, "test_queries": 2, "candidates": 24, "scored": 24, "steps": 4,
@@ -314,6 +314,14 @@ def test_train_variants_add_a_second_label_run_that_training_averages(dataset, m
     config = write_config(tmp_path / "train", data.path, micro_sandbox, epochs=1, label_variants=["seed1"])
     tuned = train(load_config(config), config)
     assert json.loads((tuned.parent / "train.json").read_text())["label_runs"] == {"2": 8}
+
+    # a variant added to a planned job is recorded in its plan; changing it afterwards is refused
+    variants = {**spec["variants"], "seed2": {"seed": 2}}
+    path.write_text(yaml.safe_dump({**spec, "variants": variants}))
+    load_plan(load_job(path), path)
+    path.write_text(yaml.safe_dump({**spec, "variants": {**variants, "seed2": {"seed": 3}}}))
+    with pytest.raises(FastattrError, match="key 'variants' differs from the plan"):
+        load_plan(load_job(path), path)
 
 
 def _second_dataset(dataset: Path, folder: Path, prompt=lambda old, i: f"{old} number {i}") -> Path:
