@@ -135,7 +135,7 @@ def plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> dict:
             for k in job.k:
                 runs[f"{data.query_id[q]}-{method}-k{k}"] = sorted(int(r) for r in rankings[method][i, :k])
     meta = {"settings": _settings(job), "model": UNetAdapter.from_pretrained(pipeline_dir(data)).fingerprint(),
-            "dataset": data.fingerprint, "queries": [int(q) for q in queries], "runs": runs}
+            "dataset": data.split_fingerprint("test"), "queries": [int(q) for q in queries], "runs": runs}
     atomic_write_text(Path(job.out) / "plan.json", json.dumps(meta))
     return meta
 
@@ -149,8 +149,9 @@ def load_plan(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> di
         changed = sorted(k for k in meta["settings"] if meta["settings"][k] != _settings(job).get(k))
         raise FastattrError(f"{config_path}: key '{changed[0]}' differs from the plan in {job.out}; use a new 'out'")
     data = load_dataset(job.dataset)
-    if data.fingerprint != meta["dataset"]:
-        raise FastattrError(f"{job.dataset}: changed since the plan was made; plan again into a new 'out'")
+    if data.split_fingerprint("test") != meta["dataset"]:
+        raise FastattrError(f"{job.dataset}: its test queries changed since the plan was made; plan again into a "
+                            f"new 'out'")
     from fastattr_teacher.adapter import UNetAdapter
 
     if UNetAdapter.from_pretrained(pipeline_dir(data)).fingerprint() != meta["model"]:

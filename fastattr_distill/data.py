@@ -54,6 +54,21 @@ class DistillDataset:
         digest = hashlib.sha256("\n".join(sha256_file(p) for p in self.parts).encode()).hexdigest()
         return "sha256:" + digest
 
+    def split_fingerprint(self, split: str) -> str:
+        """sha256 of what the ``split`` queries hold (ids, prompts, seeds, query images, candidates and
+        the main teacher run's scores) and of the training table: unchanged when runs are added to
+        other queries or as variants, so a counterfactual plan of the test queries stays valid."""
+        digest = hashlib.sha256()
+        for q in self.queries(split):
+            span = self.candidates(q)
+            for value in (self.query_id[q], self.prompt[q], self.seed[q], sha256_file(self.image[q])):
+                digest.update(f"{value}\n".encode())
+            digest.update(np.ascontiguousarray(self.key[span], dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(self.tau[span], dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(self.train_keys, dtype=np.int64).tobytes())
+        digest.update("\n".join(str(i) for i in self.train_ids).encode())
+        return "sha256:" + digest.hexdigest()
+
     def queries(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 

@@ -300,6 +300,9 @@ def test_train_variants_add_a_second_label_run_that_training_averages(dataset, m
     train_rows = np.concatenate([np.arange(data.offsets[q], data.offsets[q + 1]) for q in data.queries("train")])
     assert not np.isnan(data.variant_tau[0]).any()
     assert yaml.safe_load(data.path.with_suffix(".yaml").read_text())["counts"]["train_variants"] == {"seed1": 8}
+    before = load_dataset(dataset)  # a counterfactual plan of the test queries stays valid, the file changed
+    assert data.split_fingerprint("test") == before.split_fingerprint("test") and data.fingerprint != before.fingerprint
+    assert data.split_fingerprint("train") != data.split_fingerprint("test")
 
     averaged = data.with_averaged_labels(["seed1"], "train.yaml")
     assert np.allclose(averaged.tau[train_rows], (data.tau[train_rows] + data.variant_tau[0, train_rows]) / 2)
