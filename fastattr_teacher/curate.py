@@ -81,7 +81,7 @@ class CurationJob:
     # preconditioner compares AbU+ with AbU.
     variants: dict[str, dict] = field(default_factory=dict)
     # Variants also run on the train queries: a second teacher run of a query, averaged into its
-    # training label (`distill train` key 'label_variants'), halves the variance of the label noise.
+    # training label (`distill train` key 'label_variants'), so that it carries less of one seed's error.
     # Adding one later keeps every finished result.
     train_variants: list[str] = field(default_factory=list)
 
