@@ -19,6 +19,8 @@ import yaml
 from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
 
+from .metrics import ranking
+
 log = logging.getLogger(__name__)
 SCHEMA = "fastattr/distill@1"
 
@@ -86,14 +88,11 @@ class DistillDataset:
         if not variants:
             return self
         runs = np.vstack([self.tau[None], self.variant_tau[[self.variants.index(v) for v in variants]]])
-        train = np.zeros(len(self.tau), dtype=bool)
-        for q in self.queries("train"):
-            train[self.candidates(q)] = True
-        tau = np.where(train, np.nanmean(runs, axis=0), self.tau)
-        rank = self.rank.copy()
+        tau, rank = self.tau.copy(), self.rank.copy()
         for q in self.queries("train"):
             span = self.candidates(q)
-            rank[span] = np.argsort(np.argsort(-tau[span], kind="stable"), kind="stable")
+            tau[span] = np.nanmean(runs[:, span], axis=0)
+            rank[span] = np.argsort(ranking(tau[span]), kind="stable")  # 0 = most influential
         return dataclasses.replace(self, tau=tau, rank=rank)
 
     def label_runs(self, variants: list[str]) -> np.ndarray:
