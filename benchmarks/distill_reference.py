@@ -38,7 +38,8 @@ def main() -> None:
     for q in test:
         on_test[data.candidates(q)] = True
     other = data.variant_tau[data.variants.index(args.variant)]
-    references = {"main run": data, f"'{args.variant}'": dataclasses.replace(data, tau=np.where(on_test, other, data.tau)),
+    references = {"main run": data,
+                  f"'{args.variant}'": dataclasses.replace(data, tau=np.where(on_test, other, data.tau)),
                   "mean of both": dataclasses.replace(data, tau=np.where(on_test, (data.tau + other) / 2, data.tau))}
     baseline = Encoder.from_yaml(args.baseline, device="cpu")
     methods = {"teacher main run": np.stack([full_scores(data, q, data.tau) for q in test])}

@@ -12,7 +12,8 @@ whose index holds ``--sizes`` synthetic vectors (``search_scale.make_corpus``) w
 backend for that size, and reports per image: encoding, search, the rest, and the end-to-end
 time against the paper's 18.7 ms per query on an A100. The head's own cost is timed side by side
 on the same backbone features (the tuned ``embed_features`` against the untuned one, which only
-normalises): issue 10's "attribution speed unchanged within 10%" on these backbones. ``--dtype`` runs the encoder under autocast.
+normalises): issue 10's "attribution speed unchanged within 10%" on these backbones. ``--dtype``
+runs the encoder under autocast.
 ``--gpu-flat-sizes`` times brute-force search on the GPU (fp16 product + topk, what faiss-GPU Flat
 does), the published method's own approach, at sizes where building an HNSW bundle would not fit
 a short GPU loan. The lent GPU machine has torch, timm and no registry: carry wheels of usearch,
@@ -161,7 +162,8 @@ def main() -> None:
                     row["head"], row["untuned_normalise"] = head_ms(attributor.encoder, features, 20 * args.repeats)
                 row["rest"] = row["end_to_end"] - row["encode"] - row["search"]
                 row["vs_paper_a100"] = PAPER_A100_MS / row["end_to_end"]
-                row["tuned_vs_untuned_encode"] = row["encode"] / (row["encode"] - row["head"] + row["untuned_normalise"])
+                untuned_encode = row["encode"] - row["head"] + row["untuned_normalise"]
+                row["tuned_vs_untuned_encode"] = row["encode"] / untuned_encode
                 rows.append(row)
                 print(f"N {n:>10,} ({row['backend']}) batch {batch:>3}: {row['end_to_end']:8.2f} ms/image end to end = "
                       f"encode {row['encode']:.2f} + search {row['search']:.3f} + rest {row['rest']:.3f}; "
