@@ -39,9 +39,11 @@ def _distill_eval(args) -> int:
 
     print("loading the dataset and the encoders ...", file=sys.stderr)
     data = load_dataset(args.dataset)
+    if args.reference:
+        data = data.with_reference(args.reference)
     tuned, baseline = Encoder.from_yaml(args.encoder, args.device), Encoder.from_yaml(args.baseline, args.device)
     cache = args.cache or Path(args.encoder).parent / "cache"
-    report = evaluate(data, method_scores(data, tuned, baseline, cache))
+    report = evaluate(data, method_scores(data, tuned, baseline, cache), reference=args.reference or "main run")
     if not args.no_motifs:
         report["motifs"] = motif_check({f"tuned ({tuned.spec.name})": tuned, "untuned concatenation": baseline},
                                        args.sandbox, data, cache)
@@ -83,6 +85,8 @@ def register(commands) -> None:
     p.add_argument("--baseline", required=True, help="the untuned encoder spec with the same backbones")
     p.add_argument("--out", required=True, help="report path without suffix: writes OUT.json, OUT.md, OUT.png")
     p.add_argument("--cache", help="feature cache folder (default: the tuned encoder's folder/cache)")
+    p.add_argument("--reference", help="judge against this teacher variant of the test queries (a seed no label "
+                   "was made with) instead of the main run; the main run becomes a method")
     p.add_argument("--sandbox", help="sandbox for the rare-motif check (default: the shipped one)")
     p.add_argument("--no-motifs", action="store_true", help="skip the rare-motif check (needs a sandbox model)")
     p.add_argument("--device", help="torch device for the encoders (default: cuda when available)")

@@ -95,6 +95,25 @@ class DistillDataset:
             rank[span] = np.argsort(ranking(tau[span]), kind="stable")  # 0 = most influential
         return dataclasses.replace(self, tau=tau, rank=rank)
 
+    def with_reference(self, variant: str, source: str = "--reference") -> "DistillDataset":
+        """Test queries judged against the teacher variant ``variant`` instead of the main run, which
+        becomes the variant 'main run'. A student trained on the main run's labels shares that run's
+        seeded per-item error with its test labels; another seed's run does not."""
+        if variant not in self.variants:
+            raise FastattrError(f"{source}: '{variant}' is not a teacher variant of {self.path} ({self.variants}); "
+                                f"add it to the job's 'variants' and run `fastattr teacher fisher`, `score`, `merge`")
+        v = self.variants.index(variant)
+        tau, rank, variant_tau = self.tau.copy(), self.rank.copy(), self.variant_tau.copy()
+        for q in self.queries("test"):
+            span = self.candidates(q)
+            if np.isnan(self.variant_tau[v, span]).any():
+                raise FastattrError(f"{self.path}: test query {self.query_id[q]} has no '{variant}' run; run "
+                                    f"`fastattr teacher score` and `merge` for its job")
+            tau[span], variant_tau[v, span] = self.variant_tau[v, span], self.tau[span]
+            rank[span] = np.argsort(ranking(tau[span]), kind="stable")
+        variants = [*self.variants[:v], "main run", *self.variants[v + 1:]]
+        return dataclasses.replace(self, tau=tau, rank=rank, variant_tau=variant_tau, variants=variants)
+
     def label_runs(self, variants: list[str]) -> np.ndarray:
         """[Q] teacher runs behind each query's label: 1 + the ``variants`` scored for it."""
         first = self.offsets[:-1]

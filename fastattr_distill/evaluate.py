@@ -5,6 +5,11 @@ random, each untuned backbone alone, the untuned concatenation (what fastattr se
 head was distilled), the tuned encoder, and the dataset's teacher variants (another teacher seed:
 the ceiling any student can reach; AbU+ against AbU). Reported per method: mAP(L) with standard
 errors for L = 0.42%, 0.85% and 3.4% of N (method.md section 6), Spearman and recall@L.
+
+The teacher's noise is seeded per item, so runs of one seed share part of their error, and a head
+trained on seed-0 labels is partly credited for it when judged against seed-0 test labels. Judged
+against a seed no label was made with (``--reference``), it is not, and the mean of the runs the
+labels average (job key ``train_variants``) is the ceiling of a head trained on them.
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ def method_scores(data: DistillDataset, tuned: Encoder, baseline: Encoder, cache
     methods[f"tuned ({tuned.spec.name})"] = tuned.embed_features(fq, "query") @ tuned.embed_features(fi).T
     for v, name in enumerate(data.variants):
         methods[f"teacher variant '{name}'"] = np.stack([full_scores(data, q, data.variant_tau[v]) for q in test])
+    # judged against another seed (``with_reference``), the runs a student's labels average are one more teacher
+    averaged = [n for n in ("main run", *data.meta.get("job", {}).get("train_variants", [])) if n in data.variants]
+    if len(averaged) > 1:
+        methods[f"teacher mean of {' + '.join(averaged)}"] = np.mean(
+            [methods[f"teacher variant '{n}'"] for n in averaged], axis=0)
     return methods
 
 
@@ -68,13 +78,14 @@ def full_scores(data: DistillDataset, q: int, tau: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate(data: DistillDataset, methods: dict[str, np.ndarray]) -> dict:
-    """Metrics of every method against the teacher's ranking of each test query."""
+def evaluate(data: DistillDataset, methods: dict[str, np.ndarray], reference: str = "main run") -> dict:
+    """Metrics of every method against the teacher's ranking of each test query (``data.tau``: the
+    ``reference`` run, see ``DistillDataset.with_reference``)."""
     teacher = np.stack([full_scores(data, q, data.tau) for q in data.queries("test")])
     n = teacher.shape[1]
     counts = {f"{100 * f:.2f}%": max(1, round(f * n)) for f in FRACTIONS}
     report = {"dataset": str(data.path.name), "training_items": n, "test_queries": len(teacher),
-              "L": counts, "methods": {}}
+              "reference": reference, "L": counts, "methods": {}}
     for name, scores in methods.items():
         row = {}
         for label, count in counts.items():
@@ -117,7 +128,8 @@ def write_report(report: dict, out: str | Path, command: str) -> list[Path]:
     lines = [f"# Distilled encoder vs the teacher ({report['dataset']})", "",
              f"Command: `{command}`", "",
              f"{report['test_queries']} test queries, each ranked by the teacher against all "
-             f"{report['training_items']} training items; the teacher's top L are the positives "
+             f"{report['training_items']} training items (teacher run: {report.get('reference', 'main run')}); "
+             f"the teacher's top L are the positives "
              f"(L = {', '.join(f'{k} = {v}' for k, v in report['L'].items())}). Mean +- standard error.", "",
              "| method | " + " | ".join(f"mAP({k})" for k in labels) + " | Spearman | " +
              " | ".join(f"recall@{k}" for k in labels) + " |",

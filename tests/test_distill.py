@@ -240,6 +240,46 @@ def test_evaluation_report(trained, dataset, micro_sandbox, tmp_path):
     assert "| tuned (tuned) |" in files[1].read_text() and files[2].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluation_against_another_teacher_seed(trained, dataset, micro_sandbox, tmp_path):
+    import dataclasses
+
+    data = load_dataset(dataset)
+    test = data.queries("test")
+    seed2 = np.full(len(data.tau), np.nan)
+    for q in test:
+        seed2[data.candidates(q)] = np.random.default_rng(q).random(data.candidates(q).stop - data.candidates(q).start)
+    job = {**data.meta["job"], "train_variants": ["seed1"]}  # labels average the main run and seed1
+    data = dataclasses.replace(data, meta={**data.meta, "job": job}, variants=["seed1", "seed2"],
+                               variant_tau=np.vstack([data.variant_tau, seed2]))
+    judged = data.with_reference("seed2")
+    assert judged.variants == ["seed1", "main run"]
+    for q in test:
+        span = data.candidates(q)
+        assert np.array_equal(judged.tau[span], seed2[span])
+        assert np.array_equal(judged.variant_tau[1, span], data.tau[span])
+        assert np.array_equal(judged.rank[span], np.argsort(np.argsort(-seed2[span], kind="stable"), kind="stable"))
+    for q in data.queries("train"):  # labels untouched
+        assert np.array_equal(judged.tau[data.candidates(q)], data.tau[data.candidates(q)])
+    baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
+    methods = method_scores(judged, Encoder.from_yaml(trained, device="cpu"), baseline, dataset.parent / "features")
+    assert list(methods)[-3:] == ["teacher variant 'seed1'", "teacher variant 'main run'",
+                                  "teacher mean of main run + seed1"]
+    assert np.allclose(methods["teacher mean of main run + seed1"],
+                       (methods["teacher variant 'seed1'"] + methods["teacher variant 'main run'"]) / 2)
+    report = evaluate(judged, methods, reference="seed2")
+    usual = evaluate(data, method_scores(data, Encoder.from_yaml(trained, device="cpu"), baseline,
+                                         dataset.parent / "features"))
+    assert report["reference"] == "seed2" and usual["reference"] == "main run"
+    assert (report["methods"]["teacher variant 'main run'"]["spearman"]
+            == usual["methods"]["teacher variant 'seed2'"]["spearman"])  # Spearman is symmetric
+    assert "teacher run: seed2" in write_report(report, tmp_path / "eval", "fastattr distill eval ...")[1].read_text()
+    with pytest.raises(FastattrError, match="'seed9' is not a teacher variant"):
+        data.with_reference("seed9")
+    seed2[data.candidates(test[0])] = np.nan
+    with pytest.raises(FastattrError, match=f"test query {data.query_id[test[0]]} has no 'seed2' run"):
+        dataclasses.replace(data, variant_tau=np.vstack([data.variant_tau[:1], seed2])).with_reference("seed2")
+
+
 def test_ranking_metrics():
     teacher = np.arange(10.0)[::-1]  # item 0 most influential
     assert average_precision(teacher, teacher, 3) == 1.0
