@@ -260,19 +260,21 @@ def done(job: CounterfactualJob, meta: dict, run: str) -> bool:
 
 
 def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> list[str]:
-    """Train this process's share of the runs without a result yet (reference first) and measure
-    each at once: its small result file (committed as the work goes) is what ``report`` needs."""
+    """Train the runs without a result yet (reference first) and measure each at once: its small
+    result file (committed as the work goes) is what ``report`` needs. Each run is claimed by the
+    process that trains it (a lock beside its work folder), so the processes of ``accelerate launch``,
+    or plain ones started at any time, share whatever is pending; returns the runs this one trained."""
     from safetensors.torch import save
 
-    from fastattr_hook.files import atomic_write_bytes
+    from fastattr_hook.files import atomic_write_bytes, claim
     from fastattr_hook.pipeline import load_pipeline
     from fastattr_teacher.adapter import UNetAdapter, read_training_items
     from index_tools.build import distributed
 
-    rank, world, _, launched = distributed()
+    _, _, _, launched = distributed()
     meta = load_plan(job, config_path)
-    mine = [run for run in list(meta["runs"])[rank::world] if not done(job, meta, run)]
-    if not mine:
+    pending = [run for run in meta["runs"] if not done(job, meta, run)]
+    if not pending:
         return []
     data = load_dataset(job.dataset)
     device = torch.device(launched or job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -280,13 +282,19 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     by_id = {item.id: item for item in read_training_items(data.manifest)}
     frozen = _Frozen(pipe, [by_id[str(i)] for i in data.train_ids], device)
     adapter = UNetAdapter(pipe, device)
-    for run in mine:
-        unet = retrain(job, frozen, meta["runs"][run], Path(job.out) / "work" / run_stem(meta, run), f"retrain {run}")
-        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-        atomic_write_bytes(model_path(job, meta, run), save(state))
-        _measure_run(job, data, pipe, adapter, meta, run, state)
+    trained = []
+    for run in pending:
+        work = Path(job.out) / "work" / run_stem(meta, run)
+        with claim(work.with_name(f"{work.name}.claim")) as mine:
+            if not mine or done(job, meta, run):  # another process trains it, or has finished it
+                continue
+            unet = retrain(job, frozen, meta["runs"][run], work, f"retrain {run}")
+            state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+            atomic_write_bytes(model_path(job, meta, run), save(state))
+            _measure_run(job, data, pipe, adapter, meta, run, state)
         log.info("%s: retrained without %d items and measured", run, len(meta["runs"][run]))
-    return mine
+        trained.append(run)
+    return trained
 
 
 # -- measuring -----------------------------------------------------------------------------------

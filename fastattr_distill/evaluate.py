@@ -128,7 +128,7 @@ def write_report(report: dict, out: str | Path, command: str) -> list[Path]:
     lines = [f"# Distilled encoder vs the teacher ({report['dataset']})", "",
              f"Command: `{command}`", "",
              f"{report['test_queries']} test queries, each ranked by the teacher against all "
-             f"{report['training_items']} training items (teacher run: {report.get('reference', 'main run')}); "
+             f"{report['training_items']} training items (teacher run: {report['reference']}); "
              f"the teacher's top L are the positives "
              f"(L = {', '.join(f'{k} = {v}' for k, v in report['L'].items())}). Mean +- standard error.", "",
              "| method | " + " | ".join(f"mAP({k})" for k in labels) + " | Spearman | " +

@@ -157,6 +157,23 @@ def writer_lock(path: str | os.PathLike, keep: bool = True) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def claim(path: str | os.PathLike) -> Iterator[bool]:
+    """Try to take one job of a queue that several processes share: an exclusive lock on ``path``,
+    True while this process holds it, False when another does. Workers that claim each job before
+    starting it share out whatever is pending at any moment, however many there are and whenever
+    they start; the kernel frees a killed worker's claim."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     if not sys.platform.startswith("linux"):

@@ -583,6 +583,10 @@ def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, 
     changed["runs"]["test-00000-tuned-k8"] = changed["runs"]["test-00000-random-k8"][::-1][:7] + [0]
     changed["runs"]["test-00000-tuned-k8"].sort()
     plan_path.write_text(json.dumps(changed))
+    from fastattr_hook.files import claim
+
+    with claim(tmp_path / "run" / "work" / f"{cf.run_stem(changed, 'test-00000-tuned-k8')}.claim") as held:
+        assert held and cf.train_runs(job, job_yaml) == []  # another process holds the run: left to it
     assert cf.train_runs(job, job_yaml) == ["test-00000-tuned-k8"]
     entry = table["k"]["8"]
     assert set(cf.METHODS) <= set(entry) and {"tuned - untuned", "tuned - random"} <= set(entry)
@@ -593,6 +597,19 @@ def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, 
     job_yaml.write_text(job_yaml.read_text().replace("steps: 6", "steps: 7"))
     with pytest.raises(FastattrError, match="key 'steps' differs from the plan"):
         cf.train_runs(cf.load_job(job_yaml), job_yaml)
+
+
+def test_claims_share_a_queue_between_processes(tmp_path):
+    from fastattr_hook.files import claim
+
+    with claim(tmp_path / "work" / "run.claim") as first, claim(tmp_path / "work" / "run.claim") as second:
+        assert first and not second  # flock: a second open file description is refused, as another process is
+    with claim(tmp_path / "work" / "run.claim") as again:
+        assert again  # released with its holder
+    with pytest.raises(KeyboardInterrupt), claim(tmp_path / "work" / "other.claim"):
+        raise KeyboardInterrupt  # a killed worker
+    with claim(tmp_path / "work" / "other.claim") as free:
+        assert free
 
 
 def test_counterfactual_pairs_methods_on_the_queries_both_have():
