@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from fastattr_distill.data import load_datasets
 from fastattr_distill.evaluate import evaluate
-from fastattr_distill.metrics import average_precision
-from fastattr_distill.train import VALIDATION_TOP, item_features, load_config, query_features, rank_table, split_queries
+from fastattr_distill.train import (item_features, load_config, query_features, rank_table, split_queries,
+                                    validate)
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.head import AttributionHead
 
@@ -83,26 +83,13 @@ def fit(model, fq: torch.Tensor, fi: torch.Tensor, labels: np.ndarray, train_q: 
         model.eval()
         with torch.no_grad():
             vi = model.items if free else model.head(fi)
-            score = _val_map(model.head, fq, vi, data, val_q)
+            score = validate(model.head, data, val_q, fq, fi, item_vectors=vi)["map"]
             if score > best:
                 vq = model.head(fq[torch.from_numpy(test)])
                 cosine = F.normalize(vq, dim=-1) @ F.normalize(vi, dim=-1).T
                 best, best_epoch, best_scores = score, epoch + 1, (-model.head.calibrated(cosine)).numpy()
         print(f"{type(model).__name__} epoch {epoch + 1}: validation mAP {score:.4f}", flush=True)
     return best_scores, best_epoch
-
-
-def _val_map(head: AttributionHead, fq: torch.Tensor, vi: torch.Tensor, data, val_q: np.ndarray) -> float:
-    """As ``distill train`` validates: mAP of each validation query's top 0.85%, items as given."""
-    vq = F.normalize(head(fq[torch.from_numpy(val_q)]), dim=-1)
-    scores = (-head.calibrated(vq @ F.normalize(vi, dim=-1).T)).numpy()
-    maps = []
-    for row, q in enumerate(val_q):
-        span = data.candidates(q)
-        teacher = data.tau[span]
-        maps.append(average_precision(teacher, scores[row, data.item_rows(data.key[span])],
-                                      max(1, round(VALIDATION_TOP * len(teacher)))))
-    return float(np.mean(maps))
 
 
 def main() -> None:

@@ -313,14 +313,15 @@ VALIDATION_TOP = 0.0085  # mAP of the teacher's top 0.85% of each query's candid
 
 @torch.no_grad()
 def validate(head: AttributionHead, data: DistillDataset, queries: np.ndarray, fq: torch.Tensor,
-             fi: torch.Tensor) -> dict[str, float]:
+             fi: torch.Tensor, item_vectors: torch.Tensor | None = None) -> dict[str, float]:
     """Mean mAP(top 0.85%) and Spearman over held-out train queries, each ranking its candidates by
-    -z (low z = influential). Every item and query goes through the head once."""
+    -z (low z = influential). Every item and query goes through the head once; ``item_vectors``
+    (one per training-table row) replace the items' embeddings where they are learnt directly."""
     if not len(queries):
         return {"map": float("nan"), "spearman": float("nan")}
     head.eval()
     vq = F.normalize(head(fq[torch.from_numpy(queries).to(fq.device)]), dim=-1)
-    vi = F.normalize(head(fi), dim=-1)
+    vi = F.normalize(head(fi) if item_vectors is None else item_vectors, dim=-1)
     scores = (-head.calibrated(vq @ vi.T)).cpu().numpy()
     maps, spearmans = [], []
     for row, q in enumerate(queries):
