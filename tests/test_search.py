@@ -11,7 +11,7 @@ import pytest
 
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import map_npy
-from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, SEARCH_LADDER, create_index, default_index,
+from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, RERANK, SEARCH_LADDER, create_index, default_index,
                                   load_index, recall_at_k, tune_search)
 
 DIM = 64
@@ -167,9 +167,14 @@ def test_rerank_rows_are_keys_without_keys_and_a_stray_key_is_named(small):
     keys = np.arange(len(vectors), dtype=np.int64)
     index = build(("usearch", {"dtype": "i8"}), keys, vectors)
     exact = build(CONFIGS["exact"], keys, vectors)
+    candidates = index.search(queries, 5 * RERANK)[0]
     found, scores = index.rerank_with(vectors).search(queries, 5)  # row i is key i
-    assert recall_at_k(found, exact.search(queries, 5)[0], 5) >= 0.96
+    cosines = np.einsum("qd,qkd->qk", queries, vectors[candidates])  # the best 5 of the candidates, exactly
+    np.testing.assert_array_equal(found, np.take_along_axis(candidates, np.argsort(-cosines, axis=1)[:, :5], 1))
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found]), atol=1e-5)
+    # Measured 0.92-1.0 over 40 builds: a miss is a true neighbour the small multi-threaded HNSW graph
+    # never reaches (absent from the 20 candidates), not a near tie lost to 8-bit codes.
+    assert recall_at_k(found, exact.search(queries, 5)[0], 5) >= 0.88
     index.rerank_with(vectors[:-150], keys[:-150])  # half the keys the index holds have no float32 row
     with pytest.raises(FastattrError, match=r"returned key \d+, which its float32 vectors do not hold; rebuild"):
         index.search(queries, 5)
