@@ -240,10 +240,14 @@ def retrain(job: CounterfactualJob, frozen: _Frozen, removed: list[int], work: P
     return unet.eval()
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:12]
+
+
 def run_stem(meta: dict, run: str) -> str:
     """A run's file name: its name and a digest of the items it removes, so that planning again
     (e.g. after a new head changed the tuned rankings) retrains only the runs whose removals changed."""
-    return f"{run}-{hashlib.sha256(json.dumps(meta['runs'][run]).encode()).hexdigest()[:12]}"
+    return f"{run}-{_digest(meta['runs'][run])}"
 
 
 def model_path(job: CounterfactualJob, meta: dict, run: str) -> Path:
@@ -251,7 +255,10 @@ def model_path(job: CounterfactualJob, meta: dict, run: str) -> Path:
 
 
 def result_path(job: CounterfactualJob, meta: dict, run: str) -> Path:
-    return Path(job.out) / "results" / f"{run_stem(meta, run)}.npz"
+    """The reference is measured on every query, so its file also names the queries: a plan with
+    more queries measures the reference again (from its model where it is still here)."""
+    stem = run_stem(meta, run) + (f"-{_digest(meta['queries'])}" if run == "reference" else "")
+    return Path(job.out) / "results" / f"{stem}.npz"
 
 
 def done(job: CounterfactualJob, meta: dict, run: str) -> bool:

@@ -599,6 +599,19 @@ def test_counterfactual_runs_resume_and_report(trained, dataset, micro_sandbox, 
         cf.train_runs(cf.load_job(job_yaml), job_yaml)
 
 
+def test_a_plan_with_more_queries_measures_the_reference_again(tmp_path):
+    from types import SimpleNamespace
+
+    from fastattr_distill import counterfactual as cf
+
+    job = SimpleNamespace(out=tmp_path)
+    meta = {"queries": [3, 5], "runs": {"reference": [], "test-00003-tuned-k8": [1, 2]}}
+    more = {"queries": [3, 5, 8], "runs": {**meta["runs"], "test-00008-tuned-k8": [4, 6]}}
+    assert cf.model_path(job, meta, "reference") == cf.model_path(job, more, "reference")  # the same retraining
+    assert cf.result_path(job, meta, "reference") != cf.result_path(job, more, "reference")  # measured on more
+    assert cf.result_path(job, meta, "test-00003-tuned-k8") == cf.result_path(job, more, "test-00003-tuned-k8")
+
+
 def test_claims_share_a_queue_between_processes(tmp_path):
     from fastattr_hook.files import claim
 
