@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook.files import atomic_open, atomic_path
+from fastattr_hook.files import atomic_open, atomic_path, claim
 from fastattr_hook.config import from_dict, load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 from index_tools.build import distributed
@@ -421,39 +421,46 @@ def teacher_tasks(job: CurationJob, plan: Plan) -> list[tuple[Query, str | None]
 
 
 def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[str]:
-    """Score this process's share of the (query, variant) jobs that have no result yet; returns
-    their result names, in the order of ``teacher_tasks``. Each result is written atomically as
-    soon as it is done, so a kill loses one query at most."""
+    """Score the (query, variant) jobs that have no result yet; returns the result names this process
+    scored, in the order of ``teacher_tasks``. Each job is claimed by the process that scores it (a
+    lock in ``cache/claims/``), so the processes of ``accelerate launch``, or plain ones started at
+    any time, share whatever is pending; each result is written atomically as soon as it is done,
+    so a kill loses one query at most."""
     rank, world, _, launched = distributed()
     plan = load_plan(job, config_path)
-    # Shared out before skipping finished results: every process gets the same share at any moment.
-    mine = [(q, v) for q, v in teacher_tasks(job, plan)[rank::world] if not job.result_path(q.qid, v).is_file()]
-    for variant in dict.fromkeys(v for _, v in mine):
+    pending = [(q, v) for q, v in teacher_tasks(job, plan) if not job.result_path(q.qid, v).is_file()]
+    for variant in dict.fromkeys(v for _, v in pending):
         if not job.fisher_path_for(variant).is_file():
             raise FastattrError(f"{job.fisher_path_for(variant)}: missing; run `fastattr teacher fisher --config "
                                 f"{config_path}` first")
-    if not mine:
+    if not pending:
         return []
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
     adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher), build=False)  # made by `fisher`
-    fishers = {}
-    bar = tqdm(mine, desc=f"teacher queries (process {rank + 1}/{world})", unit="query")
+    fishers, scored = {}, []
+    bar = tqdm(pending, desc=f"teacher queries (process {rank + 1}/{world})", unit="query")
     for query, variant in bar:
-        config, fisher_path = job.teacher_config(variant), job.fisher_path_for(variant)
-        if fisher_path not in fishers:
-            fishers[fisher_path] = load_preconditioner(fisher_path)
-        image = _query_image(job, query)
-        start = time.perf_counter()
-        scores = score_query(adapter, fishers[fisher_path], [items[i] for i in query.candidates], image,
-                             query.prompt, config, job.cache_dir)
-        seconds = time.perf_counter() - start
-        rank_of = np.empty(len(scores.tau), dtype=np.int64)
-        rank_of[scores.ranking] = np.arange(len(scores.tau))
-        with atomic_open(job.result_path(query.qid, variant), "wb") as f:  # compressed: results are committed
-            np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
-                     ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of, seconds=np.array(seconds))
+        path = job.result_path(query.qid, variant)
+        with claim(job.cache_dir / "claims" / f"{path.stem}.claim") as mine:
+            if not mine or path.is_file():  # another process scores it, or has scored it
+                continue
+            config, fisher_path = job.teacher_config(variant), job.fisher_path_for(variant)
+            if fisher_path not in fishers:
+                fishers[fisher_path] = load_preconditioner(fisher_path)
+            image = _query_image(job, query)
+            start = time.perf_counter()
+            scores = score_query(adapter, fishers[fisher_path], [items[i] for i in query.candidates], image,
+                                 query.prompt, config, job.cache_dir)
+            seconds = time.perf_counter() - start
+            rank_of = np.empty(len(scores.tau), dtype=np.int64)
+            rank_of[scores.ranking] = np.arange(len(scores.tau))
+            with atomic_open(path, "wb") as f:  # compressed: results are committed
+                np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
+                                    ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of,
+                                    seconds=np.array(seconds))
         name = f"{query.qid}@{variant}" if variant else query.qid
         log.info("%s (%s, %d candidates, process %d/%d): %.2f s", name, query.split, len(query.candidates),
                  rank + 1, world, seconds)
         bar.set_postfix(last=f"{seconds:.1f}s")
-    return [f"{q.qid}@{v}" if v else q.qid for q, v in mine]
+        scored.append(name)
+    return scored

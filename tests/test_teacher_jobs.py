@@ -19,9 +19,9 @@ import torch
 import yaml
 from PIL import Image
 
-from fastattr_hook.files import sha256_file
 from fastattr_hook.bundle import read_manifest
 from fastattr_hook.errors import FastattrError
+from fastattr_hook.files import claim, sha256_file
 from fastattr_teacher.curate import Plan, curate, load_job, load_plan, run_fisher, score_queue
 from fastattr_teacher.merge import merge
 
@@ -95,7 +95,9 @@ def reference(micro_sandbox, tmp_path_factory):
     curate(job)
     run_fisher(job)
     assert not (job.cache_dir / "fisher-passes").exists()  # dropped once the Fisher is saved
-    assert len(score_queue(job)) == 4
+    with claim(job.cache_dir / "claims" / "train-00000.claim") as held:  # as another process would hold it
+        assert held and score_queue(job) == ["test-00000", "train-00001", "train-00002"]
+    assert score_queue(job) == ["train-00000"]  # released: the rest of the queue
     merge(job)
     return Path(job.out)
 
@@ -187,7 +189,7 @@ def test_two_processes_equal_one(reference, micro_sandbox, tmp_path):
     for step in ("curate", "score"):
         result = run_cli("teacher", step, "--config", str(config), launch=True)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "process 1/2" in result.stderr and "process 2/2" in result.stderr  # both scored queries
+    assert "process 1/2" in result.stderr and "process 2/2" in result.stderr  # both shared the queue
     assert_same_plan(reference, tmp_path / "run")
     assert_same_results(reference, tmp_path / "run")
 
