@@ -146,15 +146,17 @@ def test_lossy_index_reranked_on_float32_vectors_finds_the_exact_top_k(data, nam
         assert recall_at_k(found, exact_keys, 10) == pytest.approx(alone, abs=0.01)
     assert np.abs(scores - exact_scores).max() > 1e-3  # the codes' estimates
     found, scores = index.rerank_with(vectors, keys).search(queries, 10)
-    # faiss: the exact top 10 (deterministic); usearch's graph is built on every core, and has missed one of 1,000
-    assert recall_at_k(found, exact_keys, 10) >= (1.0 if alone is not None else 0.99)
+    # faiss: the exact top 10 (deterministic). usearch's graph is built on every core, so it differs build to
+    # build: over 30 builds 0.989-1.0 here, and 0.9935-1.0 with the exclusions below.
+    floor = 1.0 if alone is not None else 0.98
+    assert recall_at_k(found, exact_keys, 10) >= floor
     cosines = np.einsum("qd,qkd->qk", queries, vectors[np.searchsorted(keys, found)])
     np.testing.assert_allclose(scores, cosines, atol=1e-5)  # exact cosines, from the float32 vectors
     assert np.all(np.diff(scores, axis=1) <= 0)
     excluded = exact_keys[:, 0]  # opt-outs still never come back, and the next best take their place
     found, _ = index.search(queries, 10, exclude=excluded)
     assert not np.isin(found, excluded).any()
-    assert recall_at_k(found, np.where(np.isin(exact_keys, excluded), -1, exact_keys), 10) >= 0.99
+    assert recall_at_k(found, np.where(np.isin(exact_keys, excluded), -1, exact_keys), 10) >= min(floor, 0.99)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
