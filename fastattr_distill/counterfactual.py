@@ -273,7 +273,7 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     or plain ones started at any time, share whatever is pending; returns the runs this one trained."""
     from safetensors.torch import save
 
-    from fastattr_hook.files import atomic_write_bytes, claim
+    from fastattr_hook.files import atomic_write_bytes, claimed
     from fastattr_hook.pipeline import load_pipeline
     from fastattr_teacher.adapter import UNetAdapter, read_training_items
     from index_tools.build import distributed
@@ -289,16 +289,13 @@ def train_runs(job: CounterfactualJob, config_path: str | Path = "CF.yaml") -> l
     by_id = {item.id: item for item in read_training_items(data.manifest)}
     frozen = _Frozen(pipe, [by_id[str(i)] for i in data.train_ids], device)
     adapter = UNetAdapter(pipe, device)
+    work = Path(job.out) / "work"
     trained = []
-    for run in pending:
-        work = Path(job.out) / "work" / run_stem(meta, run)
-        with claim(work.with_name(f"{work.name}.claim")) as mine:
-            if not mine or done(job, meta, run):  # another process trains it, or has finished it
-                continue
-            unet = retrain(job, frozen, meta["runs"][run], work, f"retrain {run}")
-            state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-            atomic_write_bytes(model_path(job, meta, run), save(state))
-            _measure_run(job, data, pipe, adapter, meta, run, state)
+    for run in claimed(pending, lambda run: work / f"{run_stem(meta, run)}.claim", lambda run: done(job, meta, run)):
+        unet = retrain(job, frozen, meta["runs"][run], work / run_stem(meta, run), f"retrain {run}")
+        state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+        atomic_write_bytes(model_path(job, meta, run), save(state))
+        _measure_run(job, data, pipe, adapter, meta, run, state)
         log.info("%s: retrained without %d items and measured", run, len(meta["runs"][run]))
         trained.append(run)
     return trained

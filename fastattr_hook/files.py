@@ -19,11 +19,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterable, Iterator, TypeVar
 
 __all__ = ["atomic_dir", "atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "changed_files",
            "link_tree", "map_npy", "sha256_file", "writer_lock"]
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -172,6 +173,16 @@ def claim(path: str | os.PathLike) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+def claimed(tasks: Iterable[T], lock_path: Callable[[T], Path], finished: Callable[[T], bool]) -> Iterator[T]:
+    """The ``tasks`` this process claims (``claim`` on ``lock_path(task)``) and finds not ``finished``
+    once it holds the claim, each yielded while the claim is held: the loop body over them is the
+    work, and nothing another process holds or has finished is done twice."""
+    for task in tasks:
+        with claim(lock_path(task)) as mine:
+            if mine and not finished(task):
+                yield task
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastattr_hook import __version__
-from fastattr_hook.files import atomic_open, atomic_path, claim
+from fastattr_hook.files import atomic_open, atomic_path, claimed
 from fastattr_hook.config import from_dict, load_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 from index_tools.build import distributed
@@ -438,26 +438,26 @@ def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[
     adapter, items = _teacher_inputs(job, plan, _device(job, launched))
     adapter.attach_encoding_cache(items, job.cache_dir, item_flips(job.teacher), build=False)  # made by `fisher`
     fishers, scored = {}, []
+    def result(task: tuple[Query, str | None]) -> Path:
+        return job.result_path(task[0].qid, task[1])
+
     bar = tqdm(pending, desc=f"teacher queries (process {rank + 1}/{world})", unit="query")
-    for query, variant in bar:
-        path = job.result_path(query.qid, variant)
-        with claim(job.cache_dir / "claims" / f"{path.stem}.claim") as mine:
-            if not mine or path.is_file():  # another process scores it, or has scored it
-                continue
-            config, fisher_path = job.teacher_config(variant), job.fisher_path_for(variant)
-            if fisher_path not in fishers:
-                fishers[fisher_path] = load_preconditioner(fisher_path)
-            image = _query_image(job, query)
-            start = time.perf_counter()
-            scores = score_query(adapter, fishers[fisher_path], [items[i] for i in query.candidates], image,
-                                 query.prompt, config, job.cache_dir)
-            seconds = time.perf_counter() - start
-            rank_of = np.empty(len(scores.tau), dtype=np.int64)
-            rank_of[scores.ranking] = np.arange(len(scores.tau))
-            with atomic_open(path, "wb") as f:  # compressed: results are committed
-                np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
-                                    ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of,
-                                    seconds=np.array(seconds))
+    for query, variant in claimed(bar, lambda task: job.cache_dir / "claims" / f"{result(task).stem}.claim",
+                                  lambda task: result(task).is_file()):
+        config, fisher_path = job.teacher_config(variant), job.fisher_path_for(variant)
+        if fisher_path not in fishers:
+            fishers[fisher_path] = load_preconditioner(fisher_path)
+        image = _query_image(job, query)
+        start = time.perf_counter()
+        scores = score_query(adapter, fishers[fisher_path], [items[i] for i in query.candidates], image,
+                             query.prompt, config, job.cache_dir)
+        seconds = time.perf_counter() - start
+        rank_of = np.empty(len(scores.tau), dtype=np.int64)
+        rank_of[scores.ranking] = np.arange(len(scores.tau))
+        with atomic_open(job.result_path(query.qid, variant), "wb") as f:  # compressed: results are committed
+            np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
+                                ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of,
+                                seconds=np.array(seconds))
         name = f"{query.qid}@{variant}" if variant else query.qid
         log.info("%s (%s, %d candidates, process %d/%d): %.2f s", name, query.split, len(query.candidates),
                  rank + 1, world, seconds)
