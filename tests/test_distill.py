@@ -154,6 +154,26 @@ def test_block_batches_cover_every_pair_of_whole_set_rankings_once(dataset, micr
         rank_table(load_dataset(dataset), train_q)
 
 
+def test_label_top_orders_only_the_teachers_top_and_labels_the_rest_like_outliers(dataset, micro_sandbox, tmp_path):
+    whole = _whole_set_dataset(dataset, tmp_path / "whole")
+    data = load_dataset(whole)
+    train_q = data.queries("train")
+    labels, top = rank_table(data, train_q), rank_table(data, train_q, top=40)
+    n = len(data.train_keys)
+    assert np.allclose(top, np.minimum(labels * n / 40, 1.0))
+    first = data.candidates(train_q[0])
+    rows = data.item_rows(data.key[first])
+    assert np.allclose(top[0, rows], np.minimum(data.rank[first] / 40, 1.0))  # rank j -> j / 40, ranks >= 40 -> 1
+    assert (top == 1).sum(axis=1).tolist() == [n - 40] * len(train_q)
+    pairs = Pairs.of(data, train_q, top=40)
+    assert np.array_equal(np.sort(pairs.label[pairs.query == train_q[0]]), np.sort(top[0]))
+    with pytest.raises(FastattrError, match="'label_top' must be null or >= 1"):
+        load_config(write_config(tmp_path / "a", whole, micro_sandbox, label_top=0))
+    path = write_config(tmp_path / "b", whole, micro_sandbox, block_items=16, outlier_rate=0.0, epochs=2, label_top=40)
+    report = json.loads((train(load_config(path), path).parent / "train.json").read_text())
+    assert report["settings"]["label_top"] == 40 and len(report["history"]) == 2
+
+
 def test_training_writes_a_tuned_encoder_that_loads_and_serves(trained, micro_sandbox):
     history = json.loads((trained.parent / "train.json").read_text())
     assert len(history["history"]) == 3 and 0 <= history["best_epoch"] <= 3  # 0: the calibrated initial head
