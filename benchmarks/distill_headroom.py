@@ -111,7 +111,7 @@ def main() -> None:
     fq = torch.from_numpy(np.asarray(query_features(baseline, data, config.cache), dtype=np.float32))
     train_q, val_q = split_queries(data, config.val_fraction, config.seed)
     test = data.queries("test")
-    labels = rank_table(data, train_q)  # rank / N, 0 = most influential
+    labels = rank_table(data, train_q, config.label_top)  # the labels the head trains on, 0 = most influential
     methods = {f"head [{args.encoder}]": tuned.embed_features(fq[test].numpy(), "query")
                @ tuned.embed_features(fi.numpy()).T}
     for name, encoder in (("head", tuned), ("untuned", baseline)):
