@@ -454,7 +454,7 @@ def score_queue(job: CurationJob, config_path: str | Path = "JOB.yaml") -> list[
         seconds = time.perf_counter() - start
         rank_of = np.empty(len(scores.tau), dtype=np.int64)
         rank_of[scores.ranking] = np.arange(len(scores.tau))
-        with atomic_open(job.result_path(query.qid, variant), "wb") as f:  # compressed: results are committed
+        with atomic_open(result((query, variant)), "wb") as f:  # compressed: results are committed
             np.savez_compressed(f, query_id=np.array(query.qid), keys=plan.train_keys[query.candidates],
                                 ids=plan.train_ids[query.candidates], tau=scores.tau, rank=rank_of,
                                 seconds=np.array(seconds))
