@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import yaml
 
-from .config import from_dict, to_dict
+from .config import from_dict, read_yaml, to_dict
 from .errors import FastattrError
 from .files import atomic_dir, atomic_write_text, changed_files, link_tree, map_npy, sha256_file, writer_lock
 
@@ -115,10 +115,7 @@ def read_manifest(bundle_dir: str | Path) -> BundleManifest:
     if not path.is_file():
         raise FastattrError(f"{path}: not found; {bundle_dir} is not an index bundle "
                             "(build one with `fastattr index build`)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise FastattrError(f"{path}: corrupted ({exc})") from None
+    data = read_yaml(path, "it is corrupted: restore it, or rebuild the bundle")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise FastattrError(f"{path}: schema {data.get('schema') if isinstance(data, dict) else None!r} "
                             f"is not {SCHEMA}; rebuild the bundle with this version of fastattr")

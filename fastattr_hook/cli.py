@@ -24,10 +24,12 @@ def _attribute(args) -> int:
     good = [image for image in images if not isinstance(image, InputRejected)]
     found = iter(_attributor(args.bundle, args.device).attribute(good, args.prompt, k=args.k) if good else ())
     results = [image if isinstance(image, InputRejected) else next(found) for image in images]
+    unwritten = 0
     if args.write_metadata:
-        _write_metadata(args, [(path, r) for path, r in zip(args.images, results) if not isinstance(r, InputRejected)])
+        unwritten = _write_metadata(args, [(path, r) for path, r in zip(args.images, results)
+                                           if not isinstance(r, InputRejected)])
     _print_results(args, results)
-    return 2 if len(good) < len(images) else 0
+    return 2 if len(good) < len(images) or unwritten else 0
 
 
 def _print_results(args, results: list[Attribution | InputRejected]) -> None:
@@ -78,22 +80,34 @@ def _attributor(bundle: str | None, device: str | None):
     return Attributor.from_bundle(bundle, device=device)
 
 
-def _write_metadata(args, results: list[tuple[str, Attribution]]) -> None:
-    """Embed each good image's credits, in place or in copies under ``--out``."""
+def _write_metadata(args, results: list[tuple[str, Attribution]]) -> int:
+    """Embed each good image's credits, in place or in copies under ``--out``; returns how many could
+    not be written. One that cannot (a DTD in its XMP, a read-only file) is reported and the batch goes
+    on; under ``--out`` its copy is removed, so every file there carries credits."""
     import shutil
 
-    from .metadata import C2paConfig, write_attribution_in_place
+    from .metadata import C2paConfig, printable, write_attribution_in_place
 
     if bool(args.c2pa_cert) != bool(args.c2pa_key):
         raise FastattrError("C2PA signing needs both --c2pa-cert and --c2pa-key")
     c2pa = C2paConfig(args.c2pa_cert, args.c2pa_key) if args.c2pa_cert else None
+    unwritten = 0
     for path, result in results:
-        target = Path(path)
-        if args.out:  # copy first: writing metadata never re-encodes pixels
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            target = Path(shutil.copy2(path, Path(args.out) / target.name))
-        write_attribution_in_place(target, result, c2pa=c2pa)
+        target, copied = Path(path), False
+        try:
+            if args.out:  # copy first: writing metadata never re-encodes pixels
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                target, copied = Path(shutil.copy2(path, Path(args.out) / target.name)), True
+            write_attribution_in_place(target, result, c2pa=c2pa)
+        except (FastattrError, OSError) as exc:
+            unwritten += 1
+            if copied:
+                target.unlink(missing_ok=True)
+            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+            print(printable(f"error: credits not written: {message}"), file=sys.stderr)
+            continue
         print(f"wrote credits into {target}", file=sys.stderr)
+    return unwritten
 
 
 def _inspect(args) -> int:
@@ -123,7 +137,8 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list, one fastattr/attribution@1 object per "
                    "image (a list also for one image; a bad image's entry is {path, error})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--write-metadata", action="store_true", help="embed the credits in each image (atomic)")
+    p.add_argument("--write-metadata", action="store_true", help="embed the credits in each image (atomic); "
+                   "one that cannot take them is reported, the others still get theirs, and the exit code is 2")
     p.add_argument("--out", help="with --write-metadata: write copies here instead of in place")
     p.add_argument("--c2pa-cert", help="with --write-metadata: PEM certificate chain to sign a C2PA manifest")
     p.add_argument("--c2pa-key", help="with --write-metadata: PEM private key of that certificate")

@@ -20,7 +20,7 @@ import yaml
 from .files import atomic_write_text
 from .errors import FastattrError
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "save_yaml"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "read_yaml", "save_yaml"]
 
 T = TypeVar("T")
 
@@ -123,11 +123,21 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     if not path.is_file():
         raise FastattrError(f"{path}: config file not found")
+    return from_dict(cls, read_yaml(path, "fix the file") or {}, source=str(path))
+
+
+def read_yaml(path: Path, fix: str) -> Any:
+    """The data of a YAML file; one that is not UTF-8, not YAML or nested past Python's recursion limit
+    (a damaged or hostile file) is an error naming it and saying ``fix``, never a traceback."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 (byte {exc.start:,} is {exc.object[exc.start]:#04x})"
+    except RecursionError:
+        why = "nested too deeply to read"
     except yaml.YAMLError as exc:
-        raise FastattrError(f"{path}: not valid YAML: {exc}") from None
-    return from_dict(cls, data or {}, source=str(path))
+        why = f"not valid YAML: {exc}"
+    raise FastattrError(f"{path}: {why}; {fix}")
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

@@ -381,6 +381,16 @@ def _swallowed_rows(values: list[str], width: int) -> bool:
     return any(len(next(csv.reader([line]), [])) == width for v in values for line in v.splitlines()[1:])
 
 
+def _closes_mid_field(lines: list[str]) -> bool:
+    """A quote that closes where no field ends (an open quote closed by a later row's ``"quoted"``
+    field): strict CSV refuses the record that the lenient reader took as one row."""
+    try:
+        list(csv.reader(lines, strict=True))
+    except csv.Error:
+        return True
+    return False
+
+
 def _open_quote(values: list[str] | None, error: csv.Error | None, lines: _Lines, width: int) -> str | None:
     """How far a quote left open ran (for the message), or None. A record over several lines is kept
     only when it reads as one good record; else its quote took lines that are rows of their own."""
@@ -394,7 +404,9 @@ def _open_quote(values: list[str] | None, error: csv.Error | None, lines: _Lines
         return f"{ran}: {error}"
     if _swallowed_rows(values, width):
         return ran
-    return f"{ran}, leaving {len(values)} fields where the header has {width}" if len(values) != width else None
+    if len(values) != width:
+        return f"{ran}, leaving {len(values)} fields where the header has {width}"
+    return f"{ran}, closing where no field ends" if _closes_mid_field(lines.taken) else None
 
 
 def _iter_csv(path: Path, header: list[str]) -> Iterator[ManifestRow | Rejection]:

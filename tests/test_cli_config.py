@@ -129,3 +129,9 @@ def test_yaml_schema_accepts_valid_and_names_bad_keys(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(FastattrError, match="not valid YAML"):
         load_yaml(_Config, path)
+    path.write_bytes(b"name: caf\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(FastattrError, match=r"c\.yaml: not UTF-8 \(byte 9 is 0xe9\); fix the file"):
+        load_yaml(_Config, path)
+    path.write_text("name: " + "[" * 100_000)  # deeper than Python's recursion limit
+    with pytest.raises(FastattrError, match=r"c\.yaml: (nested too deeply to read|not valid YAML)"):
+        load_yaml(_Config, path)

@@ -217,6 +217,18 @@ def test_an_unclosed_csv_quote_past_the_csv_field_limit_loses_no_row(tmp_path):
     assert "field limit" in rejected[0].message
 
 
+def test_an_unclosed_csv_quote_closed_by_a_later_rows_quoted_field_swallows_no_row(tmp_path):
+    """The quote opened on line 2 closes at the start of line 3's quoted caption: one record with the
+    header's 4 fields, but its quote closes where no field ends, so it is not taken as one row."""
+    path = tmp_path / "m.csv"
+    path.write_text('id,image,caption,creator\na,x.png,"unclosed,me\nb,x.png,"quoted",you\n'
+                    'c,x.png,plain,them\n')
+    found = list(iter_manifest(path))
+    assert [r.id if isinstance(r, ManifestRow) else r.row for r in found] == [2, "b", "c"]
+    assert "quote opened here is not closed" in found[0].message
+    assert found[1].caption == "quoted"
+
+
 def test_a_multi_line_csv_record_with_the_wrong_field_count_reads_its_lines_again(tmp_path):
     """The quote opened on line 2 closes inside line 4: one record of 5 fields. Not one row, so the
     quote's row is rejected and lines 3 and 4 are read again (line 3 has too few fields of its own)."""
@@ -428,3 +440,38 @@ def test_attribute_goes_on_past_a_bad_image_in_a_batch(micro_sandbox, images, ca
         assert main(args) == 2  # the text form: the good images only
     out = capsys.readouterr().out
     assert out.count("score") == 4 and paths[0] in out and paths[3] in out and "fifo" not in out
+
+
+def test_write_metadata_goes_on_past_an_image_that_cannot_take_credits(micro_sandbox, tmp_path, capsys):
+    """An image whose XMP holds a DTD is refused by name (neither expanded nor dropped), the images
+    after it still get their credits, every result is printed, the exit code is 2, and no copy
+    without credits is left under --out."""
+    from PIL import PngImagePlugin
+
+    from fastattr_cli import main
+    from fastattr_hook.metadata import read_attribution
+
+    data = micro_sandbox / "data"
+    first = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
+    good, later, dtd = tmp_path / "good.png", tmp_path / "later.png", tmp_path / "dtd.png"
+    for path in (good, later):
+        path.write_bytes((data / first["image"]).read_bytes())
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "a">]>'
+                                       '<x:xmpmeta xmlns:x="adobe:ns:meta/">&a;</x:xmpmeta>')
+    with Image.open(good) as image:
+        image.save(dtd, pnginfo=info)
+    out = tmp_path / "out"
+    args = ["attribute", str(good), str(dtd), str(later), "--prompt", first["caption"],
+            "--bundle", str(micro_sandbox / "bundle"), "--k", "2", "--write-metadata"]
+    assert main(args + ["--out", str(out), "--json"]) == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert [entry.get("schema") for entry in printed] == ["fastattr/attribution@1"] * 3  # all attributed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "good.attribution.json", "good.png", "later.attribution.json", "later.png"]
+    assert all(read_attribution(out / name) is not None for name in ("good.png", "later.png"))
+    original = dtd.read_bytes()
+    assert main(args) == 2  # in place: the same, and the refused image is left as it was
+    err = capsys.readouterr().err
+    assert f"error: credits not written: {dtd}: " in err and "DTD" in err and "Traceback" not in err
+    assert dtd.read_bytes() == original and read_attribution(later) is not None

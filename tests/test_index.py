@@ -453,6 +453,12 @@ def test_serving_refuses_a_damaged_bundle_by_name(exact_bundle, tmp_path, monkey
         Attributor.from_bundle(edited, device="cpu")
     assert not verify_bundle(edited).ok
 
+    for damage in (b"schema: \xff\n", b"schema: " + b"[" * 100_000):  # not UTF-8; nested past recursion
+        (edited / "bundle.yaml").write_bytes(damage)
+        with pytest.raises(FastattrError, match="edited/bundle.yaml: (not UTF-8|nested too deeply).*rebuild"):
+            Attributor.from_bundle(edited, device="cpu")
+        assert not verify_bundle(edited).ok
+
     corrupt = copy("corrupt")  # small files are checksummed on every open
     (corrupt / "items.sqlite").write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
     with pytest.raises(FastattrError, match="corrupt/items.sqlite: changed since .*run `fastattr index verify"):
