@@ -137,7 +137,7 @@ def configs(only: list[str] | None = None) -> list[Config]:
         Config("faiss HNSW32,SQ8 rerank", "faiss", {"factory": "HNSW32,SQ8", "gpu": False},
                [{"efSearch": e} for e in (64, 128, 256, 512, 1024)], rerank=True),
         Config("faiss HNSW32,SQ8 efC128 rerank", "faiss", {"factory": "HNSW32,SQ8", "efConstruction": 128, "gpu": False},
-               [{"efSearch": e} for e in (256, 512, 1024)], rerank=True),
+               [{"efSearch": e} for e in (256, 384, 448, 512, 1024)], rerank=True),
         Config("faiss HNSW48,SQ8 efC128 rerank", "faiss", {"factory": "HNSW48,SQ8", "efConstruction": 128, "gpu": False},
                [{"efSearch": e} for e in (192, 256, 384, 512)], rerank=True),
         Config("faiss IVF,SQ8", "faiss", {"factory": "IVF1024,SQ8", "gpu": False}, [{"nprobe": p} for p in (16, 64)]),
