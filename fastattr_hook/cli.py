@@ -99,9 +99,9 @@ def _write_metadata(args, results: list[tuple[str, Attribution]]) -> int:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 target, copied = Path(shutil.copy2(path, Path(args.out) / target.name)), True
             write_attribution_in_place(target, result, c2pa=c2pa)
-        except (FastattrError, OSError) as exc:
+        except (FastattrError, OSError) as exc:  # OSError: also shutil.SameFileError (--out is the image's folder)
             unwritten += 1
-            if copied:
+            if copied:  # only a copy this made; never the image itself
                 target.unlink(missing_ok=True)
             message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
             print(printable(f"error: credits not written: {message}"), file=sys.stderr)
