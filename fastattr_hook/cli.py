@@ -103,11 +103,15 @@ def _write_metadata(args, results: list[tuple[str, Attribution]]) -> int:
             unwritten += 1
             if copied:  # only a copy this made; never the image itself
                 target.unlink(missing_ok=True)
-            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
-            print(printable(f"error: credits not written: {message}"), file=sys.stderr)
+            print(printable(f"error: credits not written: {_naming(path, exc)}"), file=sys.stderr)
             continue
         print(f"wrote credits into {target}", file=sys.stderr)
     return unwritten
+
+
+def _naming(path: str, exc: Exception) -> str:
+    """The error's message, naming ``path`` once (most of ours already start with it)."""
+    return str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
 
 
 def _inspect(args) -> int:
@@ -118,8 +122,7 @@ def _inspect(args) -> int:
         try:
             reports.append(inspect_image(path, trust_anchors=args.trust_anchors))
         except FastattrError as exc:
-            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"  # named once
-            reports.append({"path": str(path), "error": message, "agree": False})
+            reports.append({"path": str(path), "error": _naming(path, exc), "agree": False})
     print(json.dumps(reports, indent=1, ensure_ascii=False) if args.json
           else "\n\n".join(printable(r["error"]) if "error" in r else format_inspection(r) for r in reports))
     return 0 if all(r.get("agree", True) for r in reports) else 1
