@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from fastattr_hook.config import read_yaml
 from fastattr_hook.files import sha256_file
 from fastattr_hook.errors import FastattrError
 
@@ -139,9 +139,10 @@ def load_dataset(path: str | Path) -> DistillDataset:
     for p in (path, meta_path):
         if not p.is_file():
             raise FastattrError(f"{p}: not found; make the dataset with `fastattr teacher merge` (see README)")
-    meta = yaml.safe_load(meta_path.read_text(encoding="utf-8")) or {}
-    if meta.get("schema") != SCHEMA:
-        raise FastattrError(f"{meta_path}: not a distillation dataset (schema {meta.get('schema')!r}, expected {SCHEMA})")
+    meta = read_yaml(meta_path, "re-run `fastattr teacher merge`")
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+        schema = meta.get("schema") if isinstance(meta, dict) else None
+        raise FastattrError(f"{meta_path}: not a distillation dataset (schema {schema!r}, expected {SCHEMA})")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}

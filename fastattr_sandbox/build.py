@@ -27,6 +27,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from fastattr_hook import __version__
+from fastattr_hook.config import read_yaml
 from fastattr_hook.files import atomic_dir, atomic_write_text, changed_files, sha256_file
 from fastattr_hook.errors import FastattrError
 
@@ -53,10 +54,10 @@ def read_state(root: Path) -> dict:
     path = root / "sandbox.yaml"
     if not path.is_file():
         return {}
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise FastattrError(f"{path}: corrupted ({exc}); {rebuild_hint(root)}") from None
+    state = read_yaml(path, rebuild_hint(root)) or {}
+    if not isinstance(state, dict):
+        raise FastattrError(f"{path}: corrupted (not a mapping); {rebuild_hint(root)}")
+    return state
 
 
 def _write_state(root: Path, state: dict) -> None:
@@ -163,7 +164,7 @@ def _encoder_files(root: Path, state: dict) -> tuple[str, ...]:
     spec = state.get("encoder")
     if not spec:
         return ()
-    head = yaml.safe_load((root / spec).read_text(encoding="utf-8")).get("head")
+    head = (read_yaml(root / spec, rebuild_hint(root)) or {}).get("head")
     folder = Path(spec).parent
     return tuple(p for p in (spec, (folder / head).as_posix() if head else None, (folder / "train.json").as_posix())
                  if p and (root / p).is_file())

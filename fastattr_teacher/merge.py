@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from fastattr_hook import __version__
 from fastattr_hook.files import atomic_open, sha256_file
-from fastattr_hook.config import save_yaml, to_dict
+from fastattr_hook.config import read_yaml, save_yaml, to_dict
 from fastattr_hook.errors import FastattrError
 
 from .curate import PATH_KEYS, CurationJob, load_plan
@@ -124,8 +123,8 @@ def _fisher_fingerprints(job: CurationJob, variants: list[str], manifest: Path, 
     """sha256 of each Fisher the results were scored with. The Fisher files are not committed (results
     are), so on a fresh clone a fingerprint is carried over from the dataset's previous manifest."""
     try:
-        previous = yaml.safe_load(manifest.read_text(encoding="utf-8"))["fingerprints"]
-    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        previous = read_yaml(manifest, "this merge rewrites it")["fingerprints"]
+    except (OSError, FastattrError, TypeError, KeyError):  # no usable previous manifest: nothing to carry over
         previous = {}
     if not isinstance(previous, dict):
         previous = {}

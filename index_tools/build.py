@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from fastattr_hook import __version__
 from fastattr_hook.bundle import (SCHEMA, Bundle, BundleManifest, EncoderInfo, ManifestInfo, ShardInfo, ShareRule,
                                   read_manifest)
+from fastattr_hook.config import read_yaml
 from fastattr_hook.encoder import Encoder, relocated_spec
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.files import atomic_dir, atomic_open, atomic_write_text, writer_lock
@@ -317,6 +318,15 @@ def save_yaml_dict(data: dict, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
+def read_work_state(work: Path) -> dict:
+    """An unfinished build's ``state.yaml`` (what it was started with); a damaged one is an error naming it."""
+    path, fix = work / "state.yaml", f"delete {work} to start the build over"
+    state = read_yaml(path, fix)
+    if not isinstance(state, dict) or not all(key in state for key in ("chunk_size", "encoder_fingerprint")):
+        raise FastattrError(f"{path}: not a build state (no chunk_size / encoder_fingerprint); {fix}")
+    return state
+
+
 def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier) -> None:
     state_file = work / "state.yaml"
     if rank == 0:
@@ -324,7 +334,7 @@ def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier)
             raise FastattrError(f"{work}: an unfinished build is there; pass --resume to continue it, "
                                 "or delete that directory to start over")
         if resume and state_file.is_file():
-            previous = yaml.safe_load(state_file.read_text())
+            previous = read_work_state(work)
             for key, value in state.items():
                 if previous.get(key) != value:
                     raise FastattrError(f"{work}: cannot resume: '{key}' changed since the build started "
@@ -411,7 +421,7 @@ def _embed_chunk(chunk_index: int, rows: list[tuple[int, ManifestRow]], encoder:
 def _merge_chunks(work: Path, accepted: int) -> tuple[np.ndarray, list[tuple[Item, bytes | None]], list[dict]]:
     """All chunk outputs in manifest order: (vectors, (item, thumbnail) pairs, rejects incl. manifest-level ones)."""
     vectors, items, rejects = [], [], []
-    chunk_size = yaml.safe_load((work / "state.yaml").read_text())["chunk_size"]
+    chunk_size = read_work_state(work)["chunk_size"]
     for chunk_index in range(math.ceil(accepted / chunk_size)):
         stem = work / "chunks" / f"{chunk_index:06d}"
         if not stem.with_suffix(".npz").is_file():

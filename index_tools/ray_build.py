@@ -135,9 +135,9 @@ class ChunkEmbedder:
 
     def _load_encoder(self):
         import ray
-        import yaml
-
         from fastattr_hook.encoder import Encoder
+
+        from .build import read_work_state
 
         node = ray.util.get_node_ip_address()
         state_file = self.work / "state.yaml"  # written by the driver before any chunk is handed out
@@ -145,7 +145,7 @@ class ChunkEmbedder:
             raise FastattrError(f"{self.work} is not visible on Ray node {node}: on a multi-node cluster the work "
                                 "dir must be on storage every node mounts at the same path")
         encoder = Encoder.from_yaml(self.encoder_spec, device="cuda" if ray.get_gpu_ids() else "cpu")
-        if encoder.fingerprint != yaml.safe_load(state_file.read_text())["encoder_fingerprint"]:
+        if encoder.fingerprint != read_work_state(self.work)["encoder_fingerprint"]:
             raise FastattrError(f"{self.encoder_spec} on Ray node {node} differs from the driver's; the encoder "
                                 "files must be the same on every node (shared storage)")
         return encoder

@@ -313,6 +313,13 @@ def test_bad_input_is_named(dataset, micro_sandbox, tmp_path):
         load_config(write_config(tmp_path / "a", dataset, micro_sandbox, epoch=3))
     with pytest.raises(FastattrError, match="not found; make the dataset"):
         load_dataset(tmp_path / "nothing.npz")
+    (tmp_path / "damaged").mkdir()  # a distill.yaml that is not UTF-8, then one that is no mapping
+    (tmp_path / "damaged" / "distill.npz").write_bytes(dataset.read_bytes())
+    for text, why in ((b"schema: \xe9", r"not UTF-8 \(byte 8 is 0xe9\); re-run `fastattr teacher merge`"),
+                      (b"- a list", "not a distillation dataset")):
+        (tmp_path / "damaged" / "distill.yaml").write_bytes(text)
+        with pytest.raises(FastattrError, match=rf"damaged/distill\.yaml: {why}"):
+            load_dataset(tmp_path / "damaged")
     with pytest.raises(FastattrError, match="outlier_rate"):
         load_config(write_config(tmp_path / "b", dataset, micro_sandbox, outlier_rate=1.5))
     with pytest.raises(FastattrError, match="'lr_schedule' must be one of"):

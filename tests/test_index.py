@@ -238,6 +238,14 @@ def test_killed_build_resumes_without_redoing_work(sandbox, exact_bundle, tmp_pa
     assert not out.exists() and calls == [0, 1, 2]
     with pytest.raises(FastattrError, match="--resume"):
         build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32))
+    state = out.with_name("b.partial") / "state.yaml"
+    good = state.read_bytes()
+    for damage, why in ((b"\xff", "not UTF-8"), (b"chunk_size: [", "not valid YAML"), (b"- 32", "not a build state")):
+        state.write_bytes(damage)  # a damaged state file is named, not a traceback, and the chunks are kept
+        with pytest.raises(FastattrError, match=rf"(?s)b\.partial/state\.yaml: {why}.*delete .*b\.partial to start"):
+            build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32),
+                         resume=True)
+    state.write_bytes(good)
     calls.clear()
     build_bundle(sandbox / "data" / "manifest.jsonl", sandbox / "encoder.yaml", out, _options(chunk_size=32),
                  resume=True)

@@ -113,6 +113,9 @@ def test_corrupted_or_missing_files_name_the_file_and_the_fix(micro_sandbox, tmp
     shutil.rmtree(copy / "pipeline")
     with pytest.raises(FastattrError, match="missing"):
         build.verify(copy)
+    (copy / "sandbox.yaml").write_bytes(b"scale: \xe9")
+    with pytest.raises(FastattrError, match=r"sandbox\.yaml: not UTF-8 \(byte 7 is 0xe9\); .*fastattr sandbox build"):
+        build.read_state(copy)
     with pytest.raises(FastattrError, match="no sandbox"):
         build.sandbox_dir(tmp_path / "nowhere")
 
