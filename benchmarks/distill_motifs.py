@@ -14,15 +14,13 @@ image per motif, on a prompt of its own. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
 from fastattr_distill.data import load_datasets
-from fastattr_distill.evaluate import MOTIF_TOP
+from fastattr_distill.evaluate import MOTIF_TOP, motif_carriers, motif_queries
 from fastattr_distill.train import item_features, load_config, query_features
 from fastattr_hook.encoder import Encoder
-from fastattr_sandbox.world import MOTIFS
 
 
 def main() -> None:
@@ -33,12 +31,7 @@ def main() -> None:
     config = load_config(args.config)
     data = load_datasets(config.dataset)
     labels = data.with_averaged_labels(config.label_variants, args.config).tau
-    motif_of = {}
-    with open(data.manifest, encoding="utf-8") as manifest:
-        for line in manifest:
-            row = json.loads(line)
-            motif_of[row["id"]] = (row.get("attributes") or {}).get("motif")
-    carriers = np.array([motif_of.get(str(i)) for i in data.train_ids], dtype=object)
+    carriers = motif_carriers(data)
     baseline = Encoder.from_yaml(config.encoder, device="cpu")
     tuned = Encoder.from_yaml(args.encoder, device="cpu")
     features_items = np.asarray(item_features(baseline, data, config.cache), dtype=np.float32)
@@ -51,10 +44,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for split in ("train", "test"):
         found = {name: [] for name in ("label", "main", *embedded)}
-        for q in data.queries(split):
-            motif = next((m for m in MOTIFS if m in str(data.prompt[q])), None)
-            if motif is None:
-                continue
+        queries = data.queries(split)
+        for j, motif in motif_queries(data, split):
+            q = queries[j]
             span = data.candidates(q)
             rows = data.item_rows(data.key[span])
             scores = {"label": labels[span], "main": data.tau[span]}

@@ -93,7 +93,35 @@ def evaluate(data: DistillDataset, methods: dict[str, np.ndarray], reference: st
             row[f"recall@{label}"] = mean_and_stderr([recall_at(t, s, count) for t, s in zip(teacher, scores)])
         row["spearman"] = mean_and_stderr([spearman(t, s) for t, s in zip(teacher, scores)])
         report["methods"][name] = {k: [round(v[0], 4), round(v[1], 4)] for k, v in row.items()}
+    asking = motif_queries(data)
+    if asking:
+        rows = [j for j, _ in asking]
+        found = {f"teacher ({reference})": teacher[rows], **{name: scores[rows] for name, scores in methods.items()}}
+        carriers = motif_carriers(data)
+        report["motif_queries"] = {
+            "top": MOTIF_TOP, "queries": len(asking), "carriers": int(sum(np.sum(carriers == m) for _, m in asking)),
+            "found": {name: int(sum(np.sum(carriers[ranking(s)[:MOTIF_TOP]] == m) for s, (_, m) in zip(scores, asking)))
+                      for name, scores in found.items()}}
     return report
+
+
+def motif_carriers(data: DistillDataset) -> np.ndarray:
+    """[N] the rare motif each training item carries (the manifest's ``attributes.motif``; the sandbox
+    world has 4, each on 6 images), else None."""
+    motif_of = {}
+    with open(data.manifest, encoding="utf-8") as manifest:
+        for line in manifest:
+            row = json.loads(line)
+            motif_of[str(row["id"])] = (row.get("attributes") or {}).get("motif")
+    return np.array([motif_of.get(str(i)) for i in data.train_ids], dtype=object)
+
+
+def motif_queries(data: DistillDataset, split: str = "test") -> list[tuple[int, str]]:
+    """(position among the split's queries, motif) of every query whose prompt names a rare motif."""
+    motifs = sorted({m for m in motif_carriers(data) if m})
+    named = [(j, next((m for m in motifs if m in str(data.prompt[q])), None))
+             for j, q in enumerate(data.queries(split))]
+    return [(j, m) for j, m in named if m]
 
 
 def motif_check(encoders: dict[str, Encoder], sandbox: str | Path | None, data: DistillDataset,
@@ -104,11 +132,7 @@ def motif_check(encoders: dict[str, Encoder], sandbox: str | Path | None, data: 
     from fastattr_sandbox.world import MOTIFS
 
     root = build.sandbox_dir(sandbox)
-    motif_of = {}
-    for line in (root / "data" / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        motif_of[row["id"]] = (row.get("attributes") or {}).get("motif")
-    carriers = np.array([motif_of.get(str(i)) for i in data.train_ids])
+    carriers = motif_carriers(data)
     prompts = [MOTIF_PROMPT.format(motif=m) for m in MOTIFS]
     pipe = build.load_pipeline(root)
     images = [build.generate([p], root=root, seed=0, pipe=pipe)[0] for p in prompts]
@@ -143,6 +167,12 @@ def write_report(report: dict, out: str | Path, command: str) -> list[Path]:
         lines += ["", f"Rare motifs: of the {m['carriers']} training images that carry one of the 4 motifs, how many "
                   f"an image generated for a prompt asking for that motif puts in its top {m['top']}:", ""]
         lines += [f"- {name}: {r['found']} of {m['carriers']} ({r['per_motif']})" for name, r in m["methods"].items()]
+    if "motif_queries" in report:
+        m = report["motif_queries"]
+        lines += ["", f"Rare motifs on the {m['queries']} test queries whose prompt asks for one: of the "
+                  f"{m['carriers']} training images that carry the asked motif, how many each ranking puts in its "
+                  f"top {m['top']} (chance {m['carriers'] * m['top'] / report['training_items']:.2f}):", ""]
+        lines += [f"- {name}: {found} of {m['carriers']}" for name, found in m["found"].items()]
     atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "command": command}, indent=1))
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     _chart(report, out.with_suffix(".png"))

@@ -34,6 +34,7 @@ def _sandbox_generate(args) -> int:
 def _sandbox_prompts(args) -> int:
     from fastattr_sandbox import build
     from fastattr_sandbox.world import grammar_prompts
+    from fastattr_hook.errors import FastattrError
     from fastattr_hook.files import atomic_write_text
     from fastattr_teacher.curate import read_prompts
 
@@ -44,8 +45,10 @@ def _sandbox_prompts(args) -> int:
     held_out = [p for p in {p["prompt"]: {**p, "source": "held-out"} for p in held_out}.values()
                 if p["prompt"] not in excluded][:args.count]
     captions = {json.loads(line)["caption"] for line in (data / "manifest.jsonl").read_text().splitlines() if line}
+    if not 0 <= args.motif_rate <= 1:
+        raise FastattrError(f"--motif-rate {args.motif_rate}: must be between 0 and 1")
     extra = grammar_prompts(args.seed, args.count - len(held_out),
-                            captions | excluded | {p["prompt"] for p in held_out})
+                            captions | excluded | {p["prompt"] for p in held_out}, motif_rate=args.motif_rate)
     rows = held_out + [{**p, "source": "grammar"} for p in extra]
     atomic_write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
     print(f"{args.out}: {len(held_out)} held-out query prompts of {root} + {len(extra)} new grammar prompts "
@@ -99,6 +102,9 @@ def register(commands) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PROMPTS",
                    help="a prompts file (JSONL) whose prompts must not recur, e.g. an earlier job's, so that a new "
                    "job's train prompts are never that job's test prompts (repeatable)")
+    p.add_argument("--motif-rate", type=float, default=1 / 12, metavar="SHARE",
+                   help="share of the new prompts that ask for one of the 4 rare motifs (default: 1/12, as the "
+                   "training captions; 1: a motif job for the rare-motif check)")
     p.set_defaults(func=_sandbox_prompts)
     p = sandbox.add_parser("set-encoder", help="rebuild the sandbox's bundle with another encoder (e.g. the "
                            "distilled one in SANDBOX/tuned/) and record it")

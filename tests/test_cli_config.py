@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import subprocess
 import sys
@@ -104,6 +105,21 @@ def test_a_file_name_that_is_not_utf8_prints_as_its_bytes(tmp_path):
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout.startswith(out + b": 2 held-out query prompts")
     assert os.path.isfile(out)
+
+
+def test_sandbox_prompts_motif_rate_makes_a_motif_job(tmp_path, capsys):
+    from fastattr_cli import main
+
+    out = tmp_path / "motifs.jsonl"
+    from fastattr_sandbox.build import DEFAULT_SANDBOX
+
+    held_out = str(DEFAULT_SANDBOX / "data" / "query_prompts.jsonl")
+    assert main(["sandbox", "prompts", "--count", "12", "--motif-rate", "1", "--exclude", held_out,
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["attributes"]["motif"] and r["attributes"]["motif"] in r["prompt"] for r in rows)
+    assert main(["sandbox", "prompts", "--count", "2", "--motif-rate", "1.5", "--out", str(out)]) == 2
+    assert "--motif-rate 1.5: must be between 0 and 1" in capsys.readouterr().err
 
 
 def test_yaml_schema_accepts_valid_and_names_bad_keys(tmp_path):

@@ -13,12 +13,14 @@ import torch
 import yaml
 
 from fastattr_distill.data import load_dataset, load_datasets
-from fastattr_distill.evaluate import evaluate, method_scores, write_report
+from fastattr_distill.evaluate import (evaluate, full_scores, method_scores, motif_carriers, motif_queries,
+                                       write_report)
 from fastattr_distill.metrics import average_precision, recall_at, spearman
 from fastattr_distill.train import (Pairs, epoch_batches, load_config, rank_table, split_queries, subsample, train,
                                     with_outliers)
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.errors import FastattrError
+from fastattr_sandbox.world import MOTIFS
 from fastattr_teacher.curate import curate, load_job, load_plan, run_fisher, score_queue
 from fastattr_teacher.merge import merge
 
@@ -258,6 +260,31 @@ def test_evaluation_report(trained, dataset, micro_sandbox, tmp_path):
     files = write_report(report, tmp_path / "eval", "fastattr distill eval ...")
     assert [f.suffix for f in files] == [".json", ".md", ".png"] and all(f.stat().st_size > 0 for f in files)
     assert "| tuned (tuned) |" in files[1].read_text() and files[2].read_bytes()[:4] == b"\x89PNG"
+    assert "motif_queries" not in report  # no test prompt of the micro job asks for a motif
+
+
+def test_evaluation_counts_rare_motif_carriers_on_the_test_queries_asking_for_one(trained, dataset, micro_sandbox):
+    import dataclasses
+
+    data = load_dataset(dataset)
+    carriers = motif_carriers(data)
+    assert sorted(set(carriers) - {None}) == sorted(MOTIFS) and all(np.sum(carriers == m) == 4 for m in MOTIFS)
+    test = data.queries("test")
+    prompt = data.prompt.copy()
+    prompt[test[1]] = f"a small red circle with a {MOTIFS[2]}"
+    data = dataclasses.replace(data, prompt=prompt)
+    assert motif_queries(data) == [(1, MOTIFS[2])] and motif_queries(data, "train") == []
+    baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
+    methods = method_scores(data, Encoder.from_yaml(trained, device="cpu"), baseline, dataset.parent / "features")
+    report = evaluate(data, methods)["motif_queries"]
+    assert report["queries"] == 1 and report["carriers"] == 4 and report["top"] == 30
+    def found(scores):
+        return int(np.sum(carriers[np.argsort(-scores, kind="stable")[:30]] == MOTIFS[2]))
+
+    assert report["found"]["teacher (main run)"] == found(full_scores(data, test[1], data.tau))
+    assert report["found"]["random"] == found(methods["random"][1])
+    assert set(report["found"]) == {"teacher (main run)", *methods}
+    assert all(0 <= f <= 4 for f in report["found"].values())
 
 
 def test_evaluation_against_another_teacher_seed(trained, dataset, micro_sandbox, tmp_path):
