@@ -98,10 +98,11 @@ def evaluate(data: DistillDataset, methods: dict[str, np.ndarray], reference: st
         rows = [j for j, _ in asking]
         found = {f"teacher ({reference})": teacher[rows], **{name: scores[rows] for name, scores in methods.items()}}
         carriers = motif_carriers(data)
+        per_query = {name: [int(np.sum(carriers[ranking(s)[:MOTIF_TOP]] == m)) for s, (_, m) in zip(scores, asking)]
+                     for name, scores in found.items()}
         report["motif_queries"] = {
             "top": MOTIF_TOP, "queries": len(asking), "carriers": int(sum(np.sum(carriers == m) for _, m in asking)),
-            "found": {name: int(sum(np.sum(carriers[ranking(s)[:MOTIF_TOP]] == m) for s, (_, m) in zip(scores, asking)))
-                      for name, scores in found.items()}}
+            "found": {name: sum(counts) for name, counts in per_query.items()}, "per_query": per_query}
     return report
 
 
@@ -172,7 +173,9 @@ def write_report(report: dict, out: str | Path, command: str) -> list[Path]:
         lines += ["", f"Rare motifs on the {m['queries']} test queries whose prompt asks for one: of the "
                   f"{m['carriers']} training images that carry the asked motif, how many each ranking puts in its "
                   f"top {m['top']} (chance {m['carriers'] * m['top'] / report['training_items']:.2f}):", ""]
-        lines += [f"- {name}: {found} of {m['carriers']}" for name, found in m["found"].items()]
+        for name, found in m["found"].items():
+            mean, stderr = mean_and_stderr(m["per_query"][name])
+            lines.append(f"- {name}: {found} of {m['carriers']} ({mean:.2f} +- {stderr:.2f} a query)")
     atomic_write_text(out.with_suffix(".json"), json.dumps({**report, "command": command}, indent=1))
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     _chart(report, out.with_suffix(".png"))

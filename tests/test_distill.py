@@ -284,6 +284,7 @@ def test_evaluation_counts_rare_motif_carriers_on_the_test_queries_asking_for_on
     assert report["found"]["teacher (main run)"] == found(full_scores(data, test[1], data.tau))
     assert report["found"]["random"] == found(methods["random"][1])
     assert set(report["found"]) == {"teacher (main run)", *methods}
+    assert all(report["per_query"][name] == [found] for name, found in report["found"].items())
     assert all(0 <= f <= 4 for f in report["found"].values())
 
 
