@@ -45,7 +45,7 @@ def main() -> None:
     for split in ("train", "test"):
         found = {name: [] for name in ("label", "main", *embedded)}
         queries = data.queries(split)
-        for j, motif in motif_queries(data, split):
+        for j, motif in motif_queries(data, carriers, split):
             q = queries[j]
             span = data.candidates(q)
             rows = data.item_rows(data.key[span])

@@ -93,11 +93,11 @@ def evaluate(data: DistillDataset, methods: dict[str, np.ndarray], reference: st
             row[f"recall@{label}"] = mean_and_stderr([recall_at(t, s, count) for t, s in zip(teacher, scores)])
         row["spearman"] = mean_and_stderr([spearman(t, s) for t, s in zip(teacher, scores)])
         report["methods"][name] = {k: [round(v[0], 4), round(v[1], 4)] for k, v in row.items()}
-    asking = motif_queries(data)
+    carriers = motif_carriers(data)
+    asking = motif_queries(data, carriers)
     if asking:
         rows = [j for j, _ in asking]
         found = {f"teacher ({reference})": teacher[rows], **{name: scores[rows] for name, scores in methods.items()}}
-        carriers = motif_carriers(data)
         per_query = {name: [int(np.sum(carriers[ranking(s)[:MOTIF_TOP]] == m)) for s, (_, m) in zip(scores, asking)]
                      for name, scores in found.items()}
         report["motif_queries"] = {
@@ -117,9 +117,10 @@ def motif_carriers(data: DistillDataset) -> np.ndarray:
     return np.array([motif_of.get(str(i)) for i in data.train_ids], dtype=object)
 
 
-def motif_queries(data: DistillDataset, split: str = "test") -> list[tuple[int, str]]:
-    """(position among the split's queries, motif) of every query whose prompt names a rare motif."""
-    motifs = sorted({m for m in motif_carriers(data) if m})
+def motif_queries(data: DistillDataset, carriers: np.ndarray, split: str = "test") -> list[tuple[int, str]]:
+    """(position among the split's queries, motif) of every query whose prompt names a rare motif
+    (one of ``carriers``, from ``motif_carriers``)."""
+    motifs = sorted({m for m in carriers if m})
     named = [(j, next((m for m in motifs if m in str(data.prompt[q])), None))
              for j, q in enumerate(data.queries(split))]
     return [(j, m) for j, m in named if m]

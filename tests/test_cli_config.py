@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +108,9 @@ def test_a_file_name_that_is_not_utf8_prints_as_its_bytes(tmp_path):
 
 def test_sandbox_prompts_motif_rate_makes_a_motif_job(tmp_path, capsys):
     from fastattr_cli import main
-
-    out = tmp_path / "motifs.jsonl"
     from fastattr_sandbox.build import DEFAULT_SANDBOX
 
+    out = tmp_path / "motifs.jsonl"
     held_out = str(DEFAULT_SANDBOX / "data" / "query_prompts.jsonl")
     assert main(["sandbox", "prompts", "--count", "12", "--motif-rate", "1", "--exclude", held_out,
                  "--out", str(out)]) == 0

@@ -273,18 +273,19 @@ def test_evaluation_counts_rare_motif_carriers_on_the_test_queries_asking_for_on
     prompt = data.prompt.copy()
     prompt[test[1]] = f"a small red circle with a {MOTIFS[2]}"
     data = dataclasses.replace(data, prompt=prompt)
-    assert motif_queries(data) == [(1, MOTIFS[2])] and motif_queries(data, "train") == []
+    assert motif_queries(data, carriers) == [(1, MOTIFS[2])] and motif_queries(data, carriers, "train") == []
     baseline = Encoder.from_yaml(micro_sandbox / "encoder.yaml", device="cpu")
     methods = method_scores(data, Encoder.from_yaml(trained, device="cpu"), baseline, dataset.parent / "features")
     report = evaluate(data, methods)["motif_queries"]
     assert report["queries"] == 1 and report["carriers"] == 4 and report["top"] == 30
+
     def found(scores):
         return int(np.sum(carriers[np.argsort(-scores, kind="stable")[:30]] == MOTIFS[2]))
 
     assert report["found"]["teacher (main run)"] == found(full_scores(data, test[1], data.tau))
     assert report["found"]["random"] == found(methods["random"][1])
     assert set(report["found"]) == {"teacher (main run)", *methods}
-    assert all(report["per_query"][name] == [found] for name, found in report["found"].items())
+    assert all(report["per_query"][name] == [count] for name, count in report["found"].items())
     assert all(0 <= f <= 4 for f in report["found"].values())
 
 
