@@ -140,8 +140,8 @@ def load_dataset(path: str | Path) -> DistillDataset:
         if not p.is_file():
             raise FastattrError(f"{p}: not found; make the dataset with `fastattr teacher merge` (see README)")
     meta = read_yaml(meta_path, "re-run `fastattr teacher merge`")
-    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-        schema = meta.get("schema") if isinstance(meta, dict) else None
+    schema = meta.get("schema") if isinstance(meta, dict) else None
+    if schema != SCHEMA:
         raise FastattrError(f"{meta_path}: not a distillation dataset (schema {schema!r}, expected {SCHEMA})")
     try:
         with np.load(path, allow_pickle=False) as z:
