@@ -59,14 +59,21 @@ def extra_manifest(micro_sandbox, tmp_path_factory):
     return path
 
 
+def _leftovers(folder, target: str) -> list[str]:
+    """What a killed change of ``folder/target`` leaves beside it: staging folders and temp files, and
+    a build's or add's resumable ``.partial`` work (the writer's lock file stays by design)."""
+    found = [*folder.glob(f".{target}.*"), *folder.glob(f"{target}.*partial")]
+    return [p.name for p in found if p.name != f".{target}.lock"]
+
+
 def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, seed: int,
                             rerun=None) -> dict[str, int]:
     """Run ``command(target)`` on a copy of ``source`` (None: no bundle yet, for a build) once whole
     (its duration and the 'after' state), then ``kills`` times killed at a random moment: each time
     the target is exactly before or after, verifies and serves; then ``rerun(target)`` (default:
     ``command``) finishes the change and leaves nothing of the killed one behind. Targets sit at the
-    source's depth, so its relative encoder paths still resolve. Counts the outcomes, and apart the kills
-    that landed mid-change (they left staged work for the rerun), not during imports or after the end."""
+    source's depth, so its relative encoder paths still resolve. Returns the count of each outcome and,
+    apart, of the kills that landed mid-change: those that left work behind for the rerun."""
     def fresh(target):
         if source is not None:
             shutil.copytree(source, target)
@@ -80,7 +87,7 @@ def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, se
     after = _state(timed)
     assert after != before
     rng = np.random.default_rng(seed)
-    outcomes = {"before": 0, "after": 0, "mid-change": 0}  # mid-change: the kill left staged work to clean up
+    outcomes = {"before": 0, "after": 0, "mid-change": 0}
     for n in range(kills):
         target = fresh(tmp_path / f"{name}{n}")
         process = command(target)
@@ -90,8 +97,7 @@ def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, se
         state = _state(target)
         assert state in (before, after), state  # all or nothing
         outcomes["after" if state == after else "before"] += 1
-        outcomes["mid-change"] += any(p.name != f".{name}{n}.lock" for p in tmp_path.glob(f".{name}{n}.*")) or any(
-            tmp_path.glob(f"{name}{n}.*partial"))
+        outcomes["mid-change"] += bool(_leftovers(tmp_path, f"{name}{n}"))
         if state is not None:
             assert verify_bundle(target).ok, verify_bundle(target).format()  # checksums never stale
             attributor = Attributor.from_bundle(target, device="cpu")  # no "readonly database", no hot journal
@@ -102,9 +108,7 @@ def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, se
         assert _state(target) == after
         if name == "build":  # resumed, it is the uninterrupted build, file for file
             assert Bundle.open(target).manifest.files == Bundle.open(timed).manifest.files
-        # the staging folder of the killed change went with the rerun; its resumable work too
-        assert [p.name for p in tmp_path.glob(f".{name}{n}.*")] in ([], [f".{name}{n}.lock"])
-        assert not list(tmp_path.glob(f"{name}{n}.*partial"))
+        assert _leftovers(tmp_path, f"{name}{n}") == []  # the rerun cleaned up what the killed change left
         shutil.rmtree(target)
     return outcomes
 
