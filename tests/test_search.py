@@ -17,12 +17,14 @@ from fastattr_hook.search import (BACKENDS, EXACT_MAX_ITEMS, RERANK, SEARCH_LADD
 DIM = 64
 
 # (backend, params) -> the recall@10 against exact search each must reach on the clustered data.
-# Measured over 20 builds on this data (usearch builds are multi-threaded, so recall varies a
-# little): usearch f32 0.997-1.0, f16 0.995-0.999, faiss HNSW32 1.0, Flat / IVF-Flat with every
-# list probed 1.0 (exact by construction).
+# usearch builds are multi-threaded, so their recall varies from build to build. Over 60 builds on
+# this data (2026-12-02): f32 0.989-1.0 (mean 0.998), f16 0.991-0.999 (mean 0.997),
+# and one CI run drew f16 0.988; so usearch must reach 0.98, a margin past that spread. faiss runs
+# one thread here (deterministic): HNSW32 1.0, Flat / IVF-Flat with every list probed 1.0 (exact by
+# construction).
 APPROXIMATE = {
-    "usearch": (("usearch", {}), 0.99),
-    "usearch-f16": (("usearch", {"dtype": "f16"}), 0.99),
+    "usearch": (("usearch", {}), 0.98),
+    "usearch-f16": (("usearch", {"dtype": "f16"}), 0.98),
     "faiss-flat": (("faiss", {"factory": "Flat"}), 1.0),
     "faiss-hnsw": (("faiss", {}), 0.99),
     "faiss-ivf-flat": (("faiss", {"factory": "IVF16,Flat", "nprobe": 16}), 1.0),
