@@ -191,6 +191,10 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
              "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size,
              "bundle": current.fingerprint}
+    if resume and _add_landed(work, state, bundle):
+        log.info("%s: this add was committed before it was stopped; removing its work folder %s", bundle_dir, work)
+        shutil.rmtree(work)
+        return current
     _prepare_work_dir(work, state, resume, 0, lambda: None)
     with bundle.items() as store:
         seen = list(store.ids())
@@ -226,6 +230,22 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         current.manifest.rejected += len(rejects)
     shutil.rmtree(work, ignore_errors=True)
     return current
+
+
+def _add_landed(work: Path, state: dict, bundle: Bundle) -> bool:
+    """Whether a stopped add's ``work`` is already in ``bundle``: it was stopped after its change was
+    committed and before its work folder was deleted. Then the bundle differs from the one the work
+    started on, and every row the work embedded is in it."""
+    if not (work / "state.yaml").is_file():
+        return False
+    previous = read_work_state(work)
+    if previous.get("bundle") == state["bundle"] or any(previous.get(k) != v for k, v in state.items() if k != "bundle"):
+        return False
+    ids = [record["id"] for path in sorted((work / "chunks").glob("*.jsonl"))
+           for record in map(json.loads, path.read_text().splitlines()) if "reject" not in record]
+    with bundle.items() as store:
+        present = set(store.ids())
+    return bool(ids) and present.issuperset(ids)
 
 
 @dataclass

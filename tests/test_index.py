@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,6 +383,43 @@ def test_concurrent_writers_queue_and_no_opt_out_is_lost(exact_bundle, sandbox, 
     (tmp_path / "third.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
     with pytest.raises(FastattrError, match="another `fastattr index add` changed it while this one embedded"):
         add_to_bundle(copy, tmp_path / "third.jsonl", _options())
+
+
+def test_add_killed_after_its_change_landed_resumes_as_done(exact_bundle, sandbox, tmp_path, rows, monkeypatch):
+    """A kill between the add's commit and the deletion of its work folder: the rows are in, and
+    `--resume` (what the kill tests rerun) finds them there instead of refusing the changed bundle."""
+    copy = tmp_path / "b"
+    shutil.copytree(exact_bundle, copy)
+    data = sandbox / "data"
+    extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:3]]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
+
+    rmtree = shutil.rmtree
+
+    def killed(path, **kw):
+        if Path(path).name == "b.add.partial":
+            raise KeyboardInterrupt  # the process dies here
+        return rmtree(path, **kw)
+
+    monkeypatch.setattr(build_mod.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        add_to_bundle(copy, tmp_path / "more.jsonl", _options())
+    monkeypatch.undo()
+    landed = read_manifest(copy)
+    assert landed.items == len(rows) + 3 and (tmp_path / "b.add.partial").is_dir()
+    assert add_to_bundle(copy, tmp_path / "more.jsonl", _options(), resume=True).files == landed.files
+    assert read_manifest(copy).files == landed.files and not (tmp_path / "b.add.partial").exists()
+
+    # Work whose rows are not in the bundle that changed under it is still refused.
+    third = [dict(r, id=r["id"] + "-third", image=str(data / r["image"])) for r in rows[:2]]
+    (tmp_path / "third.jsonl").write_text("".join(json.dumps(r) + "\n" for r in third))
+    monkeypatch.setattr(build_mod, "_merge_chunks", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        add_to_bundle(copy, tmp_path / "third.jsonl", _options())
+    monkeypatch.undo()
+    remove_items(copy, ids=[rows[0]["id"]])
+    with pytest.raises(FastattrError, match="cannot resume: 'bundle' changed since the build started"):
+        add_to_bundle(copy, tmp_path / "third.jsonl", _options(), resume=True)
 
 
 def test_append_adds_new_items_and_rejects_known_ids(exact_bundle, sandbox, tmp_path, rows):
