@@ -66,14 +66,38 @@ def _leftovers(folder, target: str) -> list[str]:
     return [p.name for p in found if p.name != f".{target}.lock"]
 
 
+def _start_until_work(command, target):
+    """Start ``command(target)`` and return it once its change has begun (it took the writer lock or
+    staged work beside the target) or it has exited, with that moment: start-up (imports) takes most
+    of a small change's run, and a kill there tests nothing."""
+    process = command(target)
+    while process.poll() is None and not ((target.parent / f".{target.name}.lock").exists()
+                                          or _leftovers(target.parent, target.name)):
+        time.sleep(0.005)
+    return process, time.perf_counter()
+
+
+def _change_seconds(command, target) -> float:
+    """Run ``command(target)`` whole; seconds from its change's start to the last moment it had work
+    staged (to its exit where none was seen): the exit's interpreter shutdown is no part of the change."""
+    process, began = _start_until_work(command, target)
+    staged = None
+    while process.poll() is None:
+        if _leftovers(target.parent, target.name):
+            staged = time.perf_counter()
+        time.sleep(0.005)
+    return (staged or time.perf_counter()) - began
+
+
 def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, seed: int,
                             rerun=None) -> dict[str, int]:
     """Run ``command(target)`` on a copy of ``source`` (None: no bundle yet, for a build) once whole
-    (its duration and the 'after' state), then ``kills`` times killed at a random moment: each time
-    the target is exactly before or after, verifies and serves; then ``rerun(target)`` (default:
-    ``command``) finishes the change and leaves nothing of the killed one behind. Targets sit at the
-    source's depth, so its relative encoder paths still resolve. Returns the count of each outcome and,
-    apart, of the kills that landed mid-change: those that left work behind for the rerun."""
+    (how long its change takes, and the 'after' state), then ``kills`` times killed at a random moment
+    of its change (or up to 5% of it after the end): each time the target is exactly before or after,
+    verifies and serves; then ``rerun(target)`` (default: ``command``) finishes the change and leaves
+    nothing of the killed one behind. Targets sit at the source's depth, so its relative encoder paths
+    still resolve. Returns the count of each outcome and, apart, of the kills that landed mid-change:
+    those that left work behind for the rerun."""
     def fresh(target):
         if source is not None:
             shutil.copytree(source, target)
@@ -81,17 +105,15 @@ def _kill_at_random_moments(source, tmp_path, name: str, command, kills: int, se
 
     before = _state(source) if source is not None else None
     timed = fresh(tmp_path / f"{name}-timed")
-    start = time.perf_counter()
-    command(timed).wait()
-    duration = time.perf_counter() - start
+    duration = _change_seconds(command, timed)
     after = _state(timed)
     assert after != before
     rng = np.random.default_rng(seed)
     outcomes = {"before": 0, "after": 0, "mid-change": 0}
     for n in range(kills):
         target = fresh(tmp_path / f"{name}{n}")
-        process = command(target)
-        time.sleep(rng.uniform(0.5, 1.05) * duration)  # imports take the first half
+        process, _ = _start_until_work(command, target)
+        time.sleep(rng.uniform(0, 1.05) * duration)
         process.send_signal(signal.SIGKILL)
         process.wait()
         state = _state(target)
