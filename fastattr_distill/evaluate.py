@@ -34,10 +34,8 @@ MOTIF_TOP = 30
 
 def method_scores(data: DistillDataset, tuned: Encoder, baseline: Encoder, cache: str | Path | None,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """{method: [test queries, N] scores, higher = more influential}."""
-    if tuned.backbone_fingerprint != baseline.backbone_fingerprint:
-        raise FastattrError(f"the tuned encoder '{tuned.spec.name}' and the baseline '{baseline.spec.name}' use "
-                            f"different backbones; compare encoders that share them")
+    """{method: [test queries, N] scores, higher = more influential}. The untuned methods use the
+    baseline's backbone features, the tuned encoder its own (the same when they share backbones)."""
     trained = Path(tuned.base_dir) / "train.json"
     if trained.is_file():
         manifest = json.loads(trained.read_text()).get("manifest")
@@ -56,6 +54,8 @@ def method_scores(data: DistillDataset, tuned: Encoder, baseline: Encoder, cache
         methods[f"untuned {b.spec.kind}"] = _unit(fq[:, part]) @ _unit(fi[:, part]).T
         start += b.dim
     methods["untuned concatenation"] = baseline.embed_features(fq, "query") @ baseline.embed_features(fi).T
+    if tuned.backbone_fingerprint != baseline.backbone_fingerprint:
+        fi, fq = np.asarray(item_features(tuned, data, cache)), np.asarray(query_features(tuned, data, cache))[test]
     methods[f"tuned ({tuned.spec.name})"] = tuned.embed_features(fq, "query") @ tuned.embed_features(fi).T
     for v, name in enumerate(data.variants):
         methods[f"teacher variant '{name}'"] = np.stack([full_scores(data, q, data.variant_tau[v]) for q in test])

@@ -28,6 +28,7 @@ from .head import AttributionHead, load_head
 from .inputs import check_image_size
 
 BackboneKind = Literal["open_clip_image", "open_clip_text", "timm_image"]
+BackboneOutput = Literal["embedding", "tokens"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,6 +43,9 @@ class BackboneSpec:
     tokenizer: str | None = None  # open_clip_text: a Hugging Face tokenizer folder; default open_clip's
     resize: int = 256  # timm_image preprocessing (method.md: DINO resize 256 bicubic, crop 224)
     crop: int = 224
+    # open_clip_image: "embedding" is CLIP's image embedding; "tokens" is what the tower holds before its
+    # projection narrows it to what captions share: the class token and the mean patch token (2 x width)
+    output: BackboneOutput = "embedding"
 
 
 @dataclass
@@ -148,6 +152,9 @@ class Encoder:
 
     # -- backbones ---------------------------------------------------------------------------
     def _build_backbone(self, spec: BackboneSpec) -> "_Backbone":
+        if spec.output != "embedding" and spec.kind != "open_clip_image":
+            raise FastattrError(f"encoder spec of '{self.spec.name}': backbone {spec.kind} has no output "
+                                f"'{spec.output}'; only open_clip_image backbones take output: tokens")
         if spec.kind in ("open_clip_image", "open_clip_text"):
             return _OpenClipBackbone(spec, self)
         return _TimmBackbone(spec, self)
@@ -243,6 +250,8 @@ class Encoder:
         spec = to_dict(self.spec)
         files = []
         for b in spec["backbones"]:  # paths do not identify an encoder; file contents do
+            if b["output"] == "embedding":  # the default: fingerprints of specs from before the key stay
+                del b["output"]
             for key in ("model", "weights", "tokenizer"):
                 ref = self.reference(b[key])
                 if ref is not None and ref.local:
@@ -301,6 +310,12 @@ class _OpenClipBackbone(_Backbone):
         self.model, self.transform = encoder._open_clip(model, None if weights is None else str(weights))
         self.is_image = spec.kind == "open_clip_image"
         self.dim = int(self.model.visual.output_dim)  # CLIP: both towers project to embed_dim
+        if spec.output == "tokens":
+            visual = self.model.visual
+            if not hasattr(visual, "_pool") or getattr(visual, "pool_type", None) != "tok":
+                raise FastattrError(f"open_clip model '{spec.model}': output 'tokens' needs a ViT image tower with "
+                                    f"a class token; use output: embedding")
+            self.dim = 2 * int(visual.transformer.width)
         if not self.is_image:
             self.context_length = int(self.model.context_length)
             if spec.tokenizer:
@@ -323,6 +338,10 @@ class _OpenClipBackbone(_Backbone):
         return self.oc_tokenizer([text])[0]
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.spec.output == "tokens":
+            visual = self.model.visual
+            cls, patches = visual._pool(visual.transformer(visual._embeds(batch)))
+            return torch.cat([cls, patches.mean(dim=1)], dim=-1)
         return self.model.encode_image(batch) if self.is_image else self.model.encode_text(batch)
 
 

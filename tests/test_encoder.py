@@ -69,16 +69,22 @@ def test_untuned_encoder_concatenates_normalised_features(micro_sandbox):
     assert np.allclose(np.linalg.norm(vectors[:, :64], axis=1), np.sqrt(0.5), atol=1e-5)
 
 
-def _spec_with_head(sandbox, tmp_path, scale):
-    head = AttributionHead(128, 32, 16)
-    with torch.no_grad():
-        head.scale.fill_(scale)
-    save_head(head, tmp_path / f"head{scale}.safetensors")
+def _absolute_spec(sandbox) -> dict:
+    """The sandbox's untuned spec with absolute paths, to be written anywhere."""
     spec = yaml.safe_load((sandbox / "encoder.yaml").read_text())
     for b in spec["backbones"]:
         b["model"] = "local-dir:" + str(sandbox / "clip")
         if b.get("tokenizer"):
             b["tokenizer"] = str(sandbox / "pipeline" / "tokenizer")
+    return spec
+
+
+def _spec_with_head(sandbox, tmp_path, scale):
+    head = AttributionHead(128, 32, 16)
+    with torch.no_grad():
+        head.scale.fill_(scale)
+    save_head(head, tmp_path / f"head{scale}.safetensors")
+    spec = _absolute_spec(sandbox)
     spec["head"] = str(tmp_path / f"head{scale}.safetensors")
     path = tmp_path / f"encoder{scale}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -96,6 +102,37 @@ def test_orientation_higher_score_means_more_influence(micro_sandbox, tmp_path):
         # identical inputs: cosine 1. With a positive scale a HIGH cosine means LOW influence (label = rank
         # fraction), so the oriented score of an identical item must be the lowest possible.
         assert float((query @ item.T)[0, 0]) == pytest.approx(encoder.orientation, abs=1e-5)
+
+
+def test_image_tower_tokens_are_the_class_and_mean_patch_token_before_the_projection(micro_sandbox, tmp_path):
+    def encoder(name, **outputs):
+        spec = _absolute_spec(micro_sandbox)
+        for b in spec["backbones"]:
+            b.update(outputs.get(b["kind"], {}))
+        (tmp_path / name).write_text(yaml.safe_dump(spec))
+        return Encoder.from_yaml(tmp_path / name, device="cpu")
+
+    plain, tokens = encoder("plain.yaml"), encoder("tokens.yaml", open_clip_image={"output": "tokens"})
+    visual = tokens.backbones[0].model.visual
+    width = visual.transformer.width
+    assert tokens.feature_dim == 2 * width + 64 and plain.feature_dim == 64 + 64
+    image = Image.open(next((micro_sandbox / "data" / "images").glob("*.png")))
+    batch = [x[None] for x in tokens.preprocess(image, "a red circle")]
+    got, want = tokens.features_prepared(batch), plain.features_prepared(batch)
+    with torch.inference_mode():
+        torch.testing.assert_close(got[:, :width] @ visual.proj, want[:, :64])  # the class token CLIP projects
+        visual.output_tokens = True
+        try:
+            _, patches = visual(batch[0])
+        finally:
+            visual.output_tokens = False
+    torch.testing.assert_close(got[:, width:2 * width], patches.mean(dim=1))
+    assert torch.equal(got[:, 2 * width:], want[:, 64:])  # the text tower is untouched
+    assert tokens.backbone_fingerprint != plain.backbone_fingerprint
+    # written out, the default keeps the fingerprint of a spec from before the key: bundles still match
+    assert encoder("default.yaml", open_clip_image={"output": "embedding"}).fingerprint == plain.fingerprint
+    with pytest.raises(FastattrError, match="backbone open_clip_text has no output 'tokens'; only open_clip_image"):
+        encoder("bad.yaml", open_clip_text={"output": "tokens"})
 
 
 def test_head_width_mismatch_is_a_clear_error(micro_sandbox, tmp_path):
