@@ -74,6 +74,7 @@ class DistillConfig:
     batch_size: int = 4096  # pairs per optimizer step, over all processes
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": epoch e trains at lr * (1 + cos(pi * e / epochs)) / 2
+    ema: float | None = None  # d: validate and keep an average of the weights, a <- d * a + (1 - d) * w each step
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     outlier_rate: float = 0.1
@@ -104,7 +105,8 @@ def load_config(path: str | Path) -> DistillConfig:
               (config.label_top is None or config.label_top >= 1, "label_top", "null or >= 1"),
               (config.block_items is None or config.outlier_rate == 0, "outlier_rate",
                "0 with block_items (whole-set rankings have no item outside a query's candidates)"),
-              (config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}")]
+              (config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {list(LR_SCHEDULES)}"),
+              (config.ema is None or 0 < config.ema < 1, "ema", "null or in (0, 1)")]
     for ok, key, rule in checks:
         if not ok:
             raise FastattrError(f"{path}: key '{key}' must be {rule}")
@@ -378,6 +380,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     initial = validate(head, data, val_q, fq, fi)
     state = {"epoch": 0, "best": initial["map"], "best_epoch": 0, "initial_validation": initial, "history": []}
     best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    average = {k: v.detach().clone() for k, v in head.state_dict().items()} if config.ema else None
     settings = _settings(config, data)
     if checkpoint_path.is_file():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)  # never unpickles objects
@@ -387,10 +390,13 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         best_head = saved["best_head"]
+        if average is not None:
+            average = {k: v.to(device) for k, v in saved["average"].items()}
         state = json.loads(saved["state"])
         log.info("%s: resuming after epoch %d", checkpoint_path, state["epoch"])
     scorer, optimizer = accelerator.prepare(PairScorer(head), optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
+    module = accelerator.unwrap_model(scorer).head
     for epoch in range(state["epoch"], config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch * 101 + rank)  # dropout
@@ -406,19 +412,23 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
+            if average is not None:
+                with torch.no_grad():
+                    for key, value in module.state_dict().items():
+                        average[key].lerp_(value, 1 - config.ema)
             total += float(loss.detach()) * batch.label.size / world
             seen += share
             bar.update(batch.label.size)
             bar.set_postfix(loss=f"{total / seen:.4f}", pairs_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
         bar.close()
-        module = accelerator.unwrap_model(scorer).head
-        val = validate(module, data, val_q, fq, fi)
+        judged = module if average is None else _with_weights(module, average, config.head)
+        val = validate(judged, data, val_q, fq, fi)
         state["history"].append({"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6),
                                  "val_map": round(val["map"], 6), "val_spearman": round(val["spearman"], 6),
                                  "seconds": round(time.perf_counter() - start, 2)})
         if val["map"] > state["best"] or not len(val_q):
             state["best"], state["best_epoch"] = val["map"], epoch + 1
-            best_head = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            best_head = {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}
         state["epoch"] = epoch + 1
         log.info("epoch %d: train loss %.4f, validation mAP %.4f, Spearman %.4f", epoch + 1, total / max(seen, 1),
                  val["map"], val["spearman"])
@@ -426,6 +436,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             with atomic_open(checkpoint_path, "wb") as f:
                 torch.save({"head": {k: v.cpu() for k, v in module.state_dict().items()},
                             "optimizer": optimizer.state_dict(), "best_head": best_head,
+                            **({} if average is None else {"average": {k: v.cpu() for k, v in average.items()}}),
                             "state": json.dumps(state), "settings": json.dumps(settings, sort_keys=True)}, f)
         accelerator.wait_for_everyone()
     tuned = out / "encoder.yaml"
@@ -445,6 +456,13 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             "manifest": data.meta.get("fingerprints", {}).get("manifest")}, indent=1))
     accelerator.wait_for_everyone()
     return tuned
+
+
+def _with_weights(head: AttributionHead, weights: dict[str, torch.Tensor], shape: HeadConfig) -> AttributionHead:
+    """A copy of ``head`` holding ``weights`` (the ``ema`` average), on the same device."""
+    copy = AttributionHead(head.in_features, shape.hidden, shape.out, shape.depth, shape.dropout)
+    copy.load_state_dict(weights)
+    return copy.to(next(head.parameters()).device)
 
 
 def epoch_lr(config: DistillConfig, epoch: int) -> float:

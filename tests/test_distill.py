@@ -193,10 +193,15 @@ def test_training_writes_a_tuned_encoder_that_loads_and_serves(trained, micro_sa
     assert vectors.shape == (1, 16) and np.isclose(np.linalg.norm(vectors), 1, atol=1e-5)
 
 
-def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, micro_sandbox, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, micro_sandbox, tmp_path, monkeypatch,
+                                                            ema):
     import fastattr_distill.train as module
 
-    path = write_config(tmp_path, dataset, micro_sandbox)
+    if ema is not None:  # the uninterrupted run to match: the fixture's, or one that keeps the average
+        reference = write_config(tmp_path / "whole", dataset, micro_sandbox, ema=ema)
+        trained = train(load_config(reference), reference)
+    path = write_config(tmp_path, dataset, micro_sandbox, **({} if ema is None else {"ema": ema}))
     calls = {"n": 0}
     real = module.validate
 
@@ -216,6 +221,23 @@ def test_training_is_deterministic_and_resumes_after_a_kill(trained, dataset, mi
 
     a, b = load_file(trained.parent / "head.safetensors"), load_file(resumed.parent / "head.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same bits as uninterrupted
+    [whole, cut] = [[{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(
+        (spec.parent / "train.json").read_text())["history"]] for spec in (trained, resumed)]
+    assert whole == cut  # every epoch validated the same weights
+
+
+def test_ema_keeps_the_average_of_the_weights(trained, dataset, micro_sandbox, tmp_path):
+    from safetensors.torch import load_file
+
+    plain = load_file(trained.parent / "head.safetensors")
+    same = write_config(tmp_path / "same", dataset, micro_sandbox, ema=1e-9)  # in float32 the average is the weights
+    averaged = write_config(tmp_path / "averaged", dataset, micro_sandbox, ema=0.9)
+    a = load_file(train(load_config(same), same).parent / "head.safetensors")
+    b = load_file(train(load_config(averaged), averaged).parent / "head.safetensors")
+    assert all(torch.equal(plain[k], a[k]) for k in plain)  # averaging changes nothing else of the run
+    assert not all(torch.equal(plain[k], b[k]) for k in plain)
+    with pytest.raises(FastattrError, match=r"key 'ema' must be null or in \(0, 1\)"):
+        load_config(write_config(tmp_path / "bad", dataset, micro_sandbox, ema=1.0))
 
 
 def test_raising_epochs_continues_a_finished_run(trained, dataset, micro_sandbox, tmp_path):
