@@ -16,8 +16,9 @@ dataset's steps just flipping sign (measured: validation Spearman 0.04 without, 
 from the feature store (``index_tools.features``); batches are index arrays into them (no per-pair
 Python), and each distinct query and item of a batch goes through the head once.
 
-Deterministic for a seed (epoch e draws from (seed, e)), resumable per epoch (a checkpoint holds
-the head, the optimizer and the best head so far), and data-parallel under ``accelerate launch``:
+With ``ema`` the head validated and kept is an exponential moving average of the weights, the
+cheap form of averaging several heads. Deterministic for a seed (epoch e draws from (seed, e)),
+resumable per epoch (a checkpoint holds the head, the optimizer, the average and the best head so far), and data-parallel under ``accelerate launch``:
 every process builds the same global batch and takes its share, DDP averages the gradients.
 """
 
