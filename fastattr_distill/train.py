@@ -18,12 +18,14 @@ Python), and each distinct query and item of a batch goes through the head once.
 
 With ``ema`` the head validated and kept is an exponential moving average of the weights, the
 cheap form of averaging several heads. Deterministic for a seed (epoch e draws from (seed, e)),
-resumable per epoch (a checkpoint holds the head, the optimizer, the average and the best head so far), and data-parallel under ``accelerate launch``:
-every process builds the same global batch and takes its share, DDP averages the gradients.
+resumable per epoch (a checkpoint holds the head, the optimizer, the average and the best head so
+far), and data-parallel under ``accelerate launch``: every process builds the same global batch and
+takes its share, DDP averages the gradients.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -422,7 +424,7 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
             bar.update(batch.label.size)
             bar.set_postfix(loss=f"{total / seen:.4f}", pairs_per_s=f"{bar.n / (time.perf_counter() - start):.0f}")
         bar.close()
-        judged = module if average is None else _with_weights(module, average, config.head)
+        judged = module if average is None else _with_weights(module, average)
         val = validate(judged, data, val_q, fq, fi)
         state["history"].append({"epoch": epoch + 1, "train_loss": round(total / max(seen, 1), 6),
                                  "val_map": round(val["map"], 6), "val_spearman": round(val["spearman"], 6),
@@ -459,11 +461,11 @@ def train(config: DistillConfig, config_path: str | Path = "DISTILL.yaml") -> Pa
     return tuned
 
 
-def _with_weights(head: AttributionHead, weights: dict[str, torch.Tensor], shape: HeadConfig) -> AttributionHead:
-    """A copy of ``head`` holding ``weights`` (the ``ema`` average), on the same device."""
-    copy = AttributionHead(head.in_features, shape.hidden, shape.out, shape.depth, shape.dropout)
-    copy.load_state_dict(weights)
-    return copy.to(next(head.parameters()).device)
+def _with_weights(head: AttributionHead, weights: dict[str, torch.Tensor]) -> AttributionHead:
+    """A copy of ``head`` holding ``weights`` (the ``ema`` average)."""
+    averaged = copy.deepcopy(head)
+    averaged.load_state_dict(weights)
+    return averaged
 
 
 def epoch_lr(config: DistillConfig, epoch: int) -> float:
