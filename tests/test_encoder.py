@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from PIL import Image
 from fastattr_hook.encoder import Encoder, Reference
 from fastattr_hook.errors import FastattrError
 from fastattr_hook.head import AttributionHead, load_head, save_head
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _published_state_dict(in_features=128, hidden=32, out=16, scale=-3.0):
@@ -129,8 +133,13 @@ def test_image_tower_tokens_are_the_class_and_mean_patch_token_before_the_projec
     torch.testing.assert_close(got[:, width:2 * width], patches.mean(dim=1))
     assert torch.equal(got[:, 2 * width:], want[:, 64:])  # the text tower is untouched
     assert tokens.backbone_fingerprint != plain.backbone_fingerprint
-    # written out, the default keeps the fingerprint of a spec from before the key: bundles still match
     assert encoder("default.yaml", open_clip_image={"output": "embedding"}).fingerprint == plain.fingerprint
+    # the default leaves fingerprints as they were before the key existed: a record made then still matches
+    from fastattr_sandbox.build import DEFAULT_SANDBOX
+
+    made_before = json.loads((ROOT / "benchmarks/results/distill_experiments/top50_4k_2runs_train.json").read_text())
+    assert Encoder.from_yaml(DEFAULT_SANDBOX / "encoder.yaml", device="cpu").backbone_fingerprint == \
+        made_before["backbones"]
     with pytest.raises(FastattrError, match="backbone open_clip_text has no output 'tokens'; only open_clip_image"):
         encoder("bad.yaml", open_clip_text={"output": "tokens"})
 
