@@ -238,8 +238,7 @@ def _add_landed(work: Path, state: dict, bundle: Bundle) -> bool:
     started on, and every row the work embedded is in it."""
     if not (work / "state.yaml").is_file():
         return False
-    previous = read_work_state(work)
-    if previous.get("bundle") == state["bundle"] or any(previous.get(k) != v for k, v in state.items() if k != "bundle"):
+    if _changed_keys(read_work_state(work), state) != ["bundle"]:
         return False
     ids = [record["id"] for path in sorted((work / "chunks").glob("*.jsonl"))
            for record in map(json.loads, path.read_text().splitlines()) if "reject" not in record]
@@ -347,6 +346,11 @@ def read_work_state(work: Path) -> dict:
     return state
 
 
+def _changed_keys(previous: dict, state: dict) -> list[str]:
+    """The keys of an unfinished build's ``state`` whose value differs from what it was started with."""
+    return [key for key, value in state.items() if previous.get(key) != value]
+
+
 def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier) -> None:
     state_file = work / "state.yaml"
     if rank == 0:
@@ -355,10 +359,11 @@ def _prepare_work_dir(work: Path, state: dict, resume: bool, rank: int, barrier)
                                 "or delete that directory to start over")
         if resume and state_file.is_file():
             previous = read_work_state(work)
-            for key, value in state.items():
-                if previous.get(key) != value:
-                    raise FastattrError(f"{work}: cannot resume: '{key}' changed since the build started "
-                                        f"({previous.get(key)!r} -> {value!r}); delete {work} to start over")
+            changed = _changed_keys(previous, state)
+            if changed:
+                key = changed[0]
+                raise FastattrError(f"{work}: cannot resume: '{key}' changed since the build started "
+                                    f"({previous.get(key)!r} -> {state[key]!r}); delete {work} to start over")
         (work / "chunks").mkdir(parents=True, exist_ok=True)
         save_yaml_dict(state, state_file)
     barrier()
