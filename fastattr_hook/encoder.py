@@ -43,8 +43,9 @@ class BackboneSpec:
     tokenizer: str | None = None  # open_clip_text: a Hugging Face tokenizer folder; default open_clip's
     resize: int = 256  # timm_image preprocessing (method.md: DINO resize 256 bicubic, crop 224)
     crop: int = 224
-    # open_clip_image: "embedding" is CLIP's image embedding; "tokens" is what the tower holds before its
-    # projection narrows it to what captions share: the class token and the mean patch token (2 x width)
+    # "embedding" is CLIP's embedding; "tokens" is what the tower holds before its projection narrows it to
+    # what image and caption share (2 x width): the image tower's class token and mean patch token, the text
+    # tower's end token and mean token over the prompt
     output: BackboneOutput = "embedding"
 
 
@@ -152,9 +153,9 @@ class Encoder:
 
     # -- backbones ---------------------------------------------------------------------------
     def _build_backbone(self, spec: BackboneSpec) -> "_Backbone":
-        if spec.output != "embedding" and spec.kind != "open_clip_image":
+        if spec.output != "embedding" and spec.kind == "timm_image":
             raise FastattrError(f"encoder spec of '{self.spec.name}': backbone {spec.kind} has no output "
-                                f"'{spec.output}'; only open_clip_image backbones take output: tokens")
+                                f"'{spec.output}'; only open_clip backbones take output: tokens")
         if spec.kind in ("open_clip_image", "open_clip_text"):
             return _OpenClipBackbone(spec, self)
         return _TimmBackbone(spec, self)
@@ -310,12 +311,18 @@ class _OpenClipBackbone(_Backbone):
         self.model, self.transform = encoder._open_clip(model, None if weights is None else str(weights))
         self.is_image = spec.kind == "open_clip_image"
         self.dim = int(self.model.visual.output_dim)  # CLIP: both towers project to embed_dim
-        if spec.output == "tokens":
+        if spec.output == "tokens" and self.is_image:
             visual = self.model.visual
             if not hasattr(visual, "_pool") or getattr(visual, "pool_type", None) != "tok":
                 raise FastattrError(f"open_clip model '{spec.model}': output 'tokens' needs a ViT image tower with "
                                     f"a class token; use output: embedding")
             self.dim = 2 * int(visual.transformer.width)
+        elif spec.output == "tokens":
+            if not hasattr(self.model, "token_embedding") or \
+                    getattr(self.model, "text_pool_type", None) not in ("argmax", "eos"):
+                raise FastattrError(f"open_clip model '{spec.model}': output 'tokens' needs a CLIP text tower pooled "
+                                    f"at its end token; use output: embedding")
+            self.dim = 2 * int(self.model.transformer.width)
         if not self.is_image:
             self.context_length = int(self.model.context_length)
             if spec.tokenizer:
@@ -339,10 +346,24 @@ class _OpenClipBackbone(_Backbone):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         if self.spec.output == "tokens":
-            visual = self.model.visual
-            cls, patches = visual._pool(visual.transformer(visual._embeds(batch)))
-            return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+            return self._image_tokens(batch) if self.is_image else self._text_tokens(batch)
         return self.model.encode_image(batch) if self.is_image else self.model.encode_text(batch)
+
+    def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        cls, patches = visual._pool(visual.transformer(visual._embeds(images)))
+        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
+
+    def _text_tokens(self, text: torch.Tensor) -> torch.Tensor:
+        """CLIP.encode_text up to its projection; the mean runs over the prompt up to its end token."""
+        model = self.model
+        x = model.token_embedding(text) + model.positional_embedding
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        end = text.argmax(dim=-1) if model.text_pool_type == "argmax" else \
+            (text == model.text_eos_id).int().argmax(dim=-1)
+        prompt = (torch.arange(text.shape[1], device=text.device) <= end[:, None]).unsqueeze(-1)
+        mean = (x * prompt).sum(dim=1) / prompt.sum(dim=1)
+        return torch.cat([x[torch.arange(len(text), device=text.device), end], mean], dim=-1)
 
 
 class _TimmBackbone(_Backbone):

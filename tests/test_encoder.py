@@ -108,7 +108,7 @@ def test_orientation_higher_score_means_more_influence(micro_sandbox, tmp_path):
         assert float((query @ item.T)[0, 0]) == pytest.approx(encoder.orientation, abs=1e-5)
 
 
-def test_image_tower_tokens_are_the_class_and_mean_patch_token_before_the_projection(micro_sandbox, tmp_path):
+def test_tower_tokens_are_what_each_tower_holds_before_its_projection(micro_sandbox, tmp_path):
     def encoder(name, **outputs):
         spec = _absolute_spec(micro_sandbox)
         for b in spec["backbones"]:
@@ -140,8 +140,34 @@ def test_image_tower_tokens_are_the_class_and_mean_patch_token_before_the_projec
     made_before = json.loads((ROOT / "benchmarks/results/distill_experiments/top50_4k_2runs_train.json").read_text())
     assert Encoder.from_yaml(DEFAULT_SANDBOX / "encoder.yaml", device="cpu").backbone_fingerprint == \
         made_before["backbones"]
-    with pytest.raises(FastattrError, match="backbone open_clip_text has no output 'tokens'; only open_clip_image"):
-        encoder("bad.yaml", open_clip_text={"output": "tokens"})
+
+    # the text tower: its end token (what CLIP projects) and the mean token over the prompt, padding left out
+    text = encoder("text.yaml", open_clip_text={"output": "tokens"})
+    model = text.backbones[1].model
+    text_width = model.transformer.width
+    assert text.feature_dim == 64 + 2 * text_width
+    prompts = ["a red circle", "a small blue square at the top on a dotted beige background"]
+    ids = torch.stack([text.backbones[1].prepare(image, p) for p in prompts])
+    got = text.backbones[1].forward(ids)
+    with torch.inference_mode():
+        torch.testing.assert_close(got[:, :text_width] @ model.text_projection, model.encode_text(ids))
+        repadded = ids.clone()
+        for row in repadded:  # the padding after the first end token is the same id; other padding, same tokens
+            row[int(row.argmax()) + 1:] = 0
+        assert not torch.equal(repadded, ids)
+        torch.testing.assert_close(text.backbones[1].forward(repadded), got)
+        # the mean is over the prompt: a hand-made mean over every position differs
+        x = model.ln_final(model.transformer(model.token_embedding(ids) + model.positional_embedding,
+                                             attn_mask=model.attn_mask))
+        assert not torch.allclose(got[:, text_width:], x.mean(dim=1))
+    assert torch.equal(text.features_prepared([x[None] for x in text.preprocess(image, "a red circle")])[:, :64],
+                       want[:, :64])  # the image tower is untouched
+
+    spec = _absolute_spec(micro_sandbox)
+    spec["backbones"] = [{"kind": "timm_image", "model": "vit_tiny_patch16_224", "output": "tokens"}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(FastattrError, match="backbone timm_image has no output 'tokens'; only open_clip backbones"):
+        Encoder.from_yaml(tmp_path / "bad.yaml", device="cpu")
 
 
 def test_head_width_mismatch_is_a_clear_error(micro_sandbox, tmp_path):
