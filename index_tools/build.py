@@ -132,7 +132,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
                 done.encoder.fingerprint == encoder.fingerprint:
             log.info("%s: already complete (same manifest and encoder); nothing to resume", out)
             if rank == 0:  # killed after the swap, before its work folder went
-                shutil.rmtree(work, ignore_errors=True)
+                _delete_work(work)
             return done if rank == 0 else None
         raise FastattrError(f"{out} already exists; choose another --out, or use `fastattr index add` to append")
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
@@ -166,7 +166,7 @@ def build_bundle(manifest_path: str | Path, encoder_spec: str | Path, out: str |
                                   accepted=len(vectors), rejected=len(rejects)),
             share_rule=ShareRule("softmax", *calibrate_temperature(index, vectors)))
         Bundle(tmp, manifest).finish()
-    shutil.rmtree(work, ignore_errors=True)
+    _delete_work(work)
     return manifest
 
 
@@ -191,9 +191,10 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     state = {"manifest": str(manifest_path.resolve()), "manifest_fingerprint": manifest_fingerprint(manifest_path),
              "encoder_fingerprint": encoder.fingerprint, "chunk_size": options.chunk_size,
              "bundle": current.fingerprint}
+    shutil.rmtree(_deleting(work), ignore_errors=True)  # what a kill while _delete_work ran left
     if resume and _add_landed(work, state, bundle):
         log.info("%s: this add was committed before it was stopped; removing its work folder %s", bundle_dir, work)
-        shutil.rmtree(work)
+        _delete_work(work)
         return current
     _prepare_work_dir(work, state, resume, 0, lambda: None)
     with bundle.items() as store:
@@ -205,7 +206,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
     if not accepted:  # nothing new: the bundle stays exactly as it was
         rejects_file = work / "rejects-manifest.jsonl"
         rejected = rejects_file.read_text().splitlines() if rejects_file.is_file() else []
-        shutil.rmtree(work, ignore_errors=True)
+        _delete_work(work)
         log.warning("%s: no new row to add, the bundle is unchanged (%d rows rejected%s)", manifest_path,
                     len(rejected), f", first: {json.loads(rejected[0]).get('reason')}" if rejected else "")
         return current
@@ -228,7 +229,7 @@ def add_to_bundle(bundle_dir: str | Path, manifest_path: str | Path, options: Bu
         current.items += len(vectors)
         current.manifest.accepted += len(vectors)
         current.manifest.rejected += len(rejects)
-    shutil.rmtree(work, ignore_errors=True)
+    _delete_work(work)
     return current
 
 
@@ -331,6 +332,21 @@ def _append(folder: Path, index_dir: Path, index: VectorIndex, old_keys: np.ndar
         store.insert(_stored(keys, items, final_dir))
     _write_rejects(folder / Bundle.REJECTS, rejects)
     return recall
+
+
+def _deleting(work: Path) -> Path:
+    return work.with_name(f".{work.name}.deleting")
+
+
+def _delete_work(work: Path) -> None:
+    """Delete the work folder of a build or add that is done. It is renamed first (one atomic step), so a
+    kill while it is deleted leaves no half folder that a --resume would read as unfinished work (a half
+    deleted add's folder was refused: its bundle had changed and its rows were gone); the next
+    `build --resume` or `add` of that bundle deletes the renamed rest."""
+    shutil.rmtree(_deleting(work), ignore_errors=True)
+    if work.exists():
+        os.replace(work, _deleting(work))
+    shutil.rmtree(_deleting(work), ignore_errors=True)
 
 
 def save_yaml_dict(data: dict, path: Path) -> None:

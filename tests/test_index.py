@@ -394,14 +394,10 @@ def test_add_killed_after_its_change_landed_resumes_as_done(exact_bundle, sandbo
     extra = [dict(r, id=r["id"] + "-again", image=str(data / r["image"])) for r in rows[:3]]
     (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in extra))
 
-    rmtree = shutil.rmtree
+    def killed(work):
+        raise KeyboardInterrupt  # the process dies here
 
-    def killed(path, **kw):
-        if Path(path).name == "b.add.partial":
-            raise KeyboardInterrupt  # the process dies here
-        return rmtree(path, **kw)
-
-    monkeypatch.setattr(build_mod.shutil, "rmtree", killed)
+    monkeypatch.setattr(build_mod, "_delete_work", killed)
     with pytest.raises(KeyboardInterrupt):
         add_to_bundle(copy, tmp_path / "more.jsonl", _options())
     monkeypatch.undo()
@@ -409,6 +405,29 @@ def test_add_killed_after_its_change_landed_resumes_as_done(exact_bundle, sandbo
     assert landed.items == len(rows) + 3 and (tmp_path / "b.add.partial").is_dir()
     assert add_to_bundle(copy, tmp_path / "more.jsonl", _options(), resume=True).files == landed.files
     assert read_manifest(copy).files == landed.files and not (tmp_path / "b.add.partial").exists()
+
+    # Killed while its work folder was being deleted (a slow-lane kill found it): half of it is gone. The
+    # folder was renamed before deletion, so --resume sees no unfinished work; it deletes the rest and,
+    # finding every row already in, leaves the bundle as it is.
+    again = [dict(r, id=r["id"] + "-fourth", image=str(data / r["image"])) for r in rows[:2]]
+    (tmp_path / "fourth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in again))
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, **kw):
+        if Path(path).is_dir() and Path(path).name == ".b.add.partial.deleting":
+            rmtree(Path(path) / "chunks")
+            raise KeyboardInterrupt
+        return rmtree(path, **kw)
+
+    monkeypatch.setattr(build_mod.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        add_to_bundle(copy, tmp_path / "fourth.jsonl", _options())
+    monkeypatch.undo()
+    landed = read_manifest(copy)
+    assert landed.items == len(rows) + 5 and (tmp_path / ".b.add.partial.deleting" / "state.yaml").is_file()
+    assert add_to_bundle(copy, tmp_path / "fourth.jsonl", _options(), resume=True).files == landed.files
+    assert read_manifest(copy).files == landed.files
+    assert not [p.name for p in tmp_path.iterdir() if ".add." in p.name]  # nothing of the add is left
 
     # Work whose rows are not in the bundle that changed under it is still refused.
     third = [dict(r, id=r["id"] + "-third", image=str(data / r["image"])) for r in rows[:2]]
