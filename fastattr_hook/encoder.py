@@ -357,7 +357,7 @@ class _OpenClipBackbone(_Backbone):
     def _text_tokens(self, text: torch.Tensor) -> torch.Tensor:
         """CLIP.encode_text up to its projection; the mean runs over the prompt up to its end token."""
         model = self.model
-        x = model.token_embedding(text) + model.positional_embedding
+        x = (model.token_embedding(text) + model.positional_embedding).to(model.transformer.get_cast_dtype())
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
         end = text.argmax(dim=-1) if model.text_pool_type == "argmax" else \
             (text == model.text_eos_id).int().argmax(dim=-1)
