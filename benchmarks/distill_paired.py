@@ -6,6 +6,8 @@ average precision, with its standard error. Two heads' mAPs each carry a standar
         --dataset datasets/sandbox_distill_1k --dataset datasets/sandbox_distill_motifs --reference seed2
 
 Prints, per dataset, both heads' mAP of the teacher's top 0.85% and the paired difference after - before.
+Several --after heads are an ensemble: their cosine scores averaged (what one encoder whose output is
+their unit vectors concatenated and divided by sqrt(n) would give).
 """
 
 from __future__ import annotations
@@ -21,24 +23,29 @@ from fastattr_distill.train import item_features, query_features
 from fastattr_hook.encoder import Encoder
 
 
-def per_query_ap(encoder: Encoder, data, cache: str, fraction: float = 0.0085) -> np.ndarray:
+def per_query_ap(encoders: list[Encoder], data, cache: str, fraction: float = 0.0085) -> np.ndarray:
+    """Average precision per test query of the mean of the encoders' cosine scores."""
     test = data.queries("test")
     teacher = np.stack([full_scores(data, q, data.tau) for q in test])
-    items = encoder.embed_features(np.asarray(item_features(encoder, data, cache)))
-    queries = encoder.embed_features(np.asarray(query_features(encoder, data, cache))[test], "query")
+    scores = 0.0
+    for encoder in encoders:
+        items = encoder.embed_features(np.asarray(item_features(encoder, data, cache)))
+        queries = encoder.embed_features(np.asarray(query_features(encoder, data, cache))[test], "query")
+        scores = scores + queries @ items.T / len(encoders)
     count = max(1, round(fraction * teacher.shape[1]))
-    return np.array([average_precision(t, s, count) for t, s in zip(teacher, queries @ items.T)])
+    return np.array([average_precision(t, s, count) for t, s in zip(teacher, scores)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="encoder spec of the first head")
-    parser.add_argument("--after", required=True, help="encoder spec of the second head")
+    parser.add_argument("--after", action="append", required=True,
+                        help="encoder spec of the second head (repeat it for an ensemble of heads)")
     parser.add_argument("--dataset", action="append", required=True, help="a dataset with test queries (repeatable)")
     parser.add_argument("--reference", help="judge against this teacher variant (as distill eval --reference)")
     parser.add_argument("--cache", default="datasets/sandbox_distill_1k/cache/features")
     args = parser.parse_args()
-    before, after = Encoder.from_yaml(args.before), Encoder.from_yaml(args.after)
+    before, after = [Encoder.from_yaml(args.before)], [Encoder.from_yaml(p) for p in args.after]
     print("| dataset | queries | mAP(0.85%) before | after | paired after - before |\n|---|---|---|---|---|")
     for path in args.dataset:
         data = load_dataset(path)
