@@ -35,26 +35,39 @@ def _snapshot(adapter: UNetAdapter) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def teacher_run(micro_sandbox):
-    """Fisher once, then self-attribution for QUERIES training items (image + own caption)."""
+    """Fisher once, then self-attribution (image + own caption) for training item 0."""
     adapter = _adapter(micro_sandbox)
     items = read_training_items(micro_sandbox / "data" / "manifest.jsonl")
     before = _snapshot(adapter)
     fisher = compute_fisher_diagonal(adapter, items, CONFIG)
-    queries = [int(i) for i in np.linspace(0, len(items) - 1, QUERIES).round()]
-    scores = {q: score_query(adapter, fisher, items, items[q].load_image(), items[q].caption, CONFIG) for q in queries}
-    return {"adapter": adapter, "items": items, "fisher": fisher, "scores": scores, "before": before}
+    run = {"adapter": adapter, "items": items, "fisher": fisher, "before": before}
+    return run | {"scores": {0: _self_attribution(run, 0)}}
 
 
+def _self_attribution(run, q: int) -> Scores:
+    items = run["items"]
+    return score_query(run["adapter"], run["fisher"], items, items[q].load_image(), items[q].caption, CONFIG)
+
+
+def test_a_training_image_ranks_near_the_top_for_itself(teacher_run):
+    scores, items = teacher_run["scores"][0], teacher_run["items"]
+    assert scores.rank_of(items[0].id) < 0.05 * len(items)  # measured: rank 1 of 160 (chance ~80)
+    assert scores.tau[0] > 0  # unlearning the query raises its own training image's loss
+
+
+@pytest.mark.slow  # ~12 s a query on one core
 def test_self_attribution_ranks_the_query_image_near_the_top(teacher_run):
-    items, scores = teacher_run["items"], teacher_run["scores"]
-    ranks = [scores[q].rank_of(items[q].id) for q in scores]
+    items = teacher_run["items"]
+    queries = [int(i) for i in np.linspace(0, len(items) - 1, QUERIES).round()]
+    scores = {q: teacher_run["scores"].get(q) or _self_attribution(teacher_run, q) for q in queries}
+    ranks = [scores[q].rank_of(items[q].id) for q in queries]
     print(f"self-attribution ranks (0-based, of {len(items)}): {ranks}")
     # Measured with this config: ranks [1, 0, 0, 1] of 160 (chance ~80). Over 8 other evenly
     # spaced queries the ranks were 0-3 for 7 and 12 for one, so allow one miss of the top 5%.
     top5 = sum(r < 0.05 * len(items) for r in ranks)
     assert top5 >= QUERIES - 1, ranks
     assert max(ranks) < 0.25 * len(items), ranks
-    for q in scores:  # unlearning a query raises its own training image's loss
+    for q in queries:  # unlearning a query raises its own training image's loss
         assert scores[q].tau[q] > 0
 
 
