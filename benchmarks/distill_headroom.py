@@ -10,16 +10,22 @@ with) for:
   head's query embedding, and by the untuned one). It needs no item features at all, only the
   teacher's rankings of similar queries;
 - the same head trained here on the same labels and blocks as ``distill train`` (same loss,
-  optimiser, 16-query x 256-item blocks, validation split and best-epoch rule), once with the items
+  optimiser, calibration, 16-query x 256-item blocks, validation split and best-epoch rule), once with the items
   embedded by the head from their backbone features (the method) and once with a free vector per
   training item learnt in their place: what a head could reach if the backbones told it everything
-  the teacher distinguishes about each item.
+  the teacher distinguishes about each item;
+- with ``--attributes``, the method's head once more on backbone features plus the world's true
+  attributes (one-hot shape, colour, size, position, texture, background, motif): of each training
+  item from its manifest row, of each query from its prompt's row in the job's prompts.jsonl. An
+  oracle for the sandbox: what backbones that read every attribute exactly would give the head.
 Prints a markdown table: mAP(0.85%) +- standard error and Spearman.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +34,8 @@ from tqdm import tqdm
 
 from fastattr_distill.data import load_datasets
 from fastattr_distill.evaluate import evaluate
-from fastattr_distill.train import (item_features, load_config, query_features, rank_table, split_queries,
-                                    validate)
+from fastattr_distill.train import (Pairs, calibrate, item_features, load_config, query_features, rank_table,
+                                    split_queries, validate)
 from fastattr_hook.encoder import Encoder
 from fastattr_hook.head import AttributionHead
 
@@ -92,14 +98,43 @@ def fit(model, fq: torch.Tensor, fi: torch.Tensor, labels: np.ndarray, train_q: 
     return best_scores, best_epoch
 
 
+ATTRIBUTES = ("shape", "colour", "size", "position", "texture", "bg", "motif")
+
+
+def attribute_features(data, fi: torch.Tensor, fq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot true attributes appended to the item and query features, the block scaled to the
+    features' mean norm."""
+    items = {row["id"]: row["attributes"] for row in map(json.loads, data.manifest.read_text().splitlines())}
+    prompts = {}
+    for part in data.parts or (data.path,):
+        prompts_file = Path(part).parent / "prompts.jsonl"
+        prompts |= {row["prompt"]: row["attributes"] for row in map(json.loads, prompts_file.read_text().splitlines())}
+    item_rows = [items[i] for i in data.train_ids]
+    query_rows = [prompts[p] for p in data.prompt]
+    vocab = sorted({(k, str(row.get(k))) for row in item_rows + query_rows for k in ATTRIBUTES})
+    column = {v: j for j, v in enumerate(vocab)}
+
+    def one_hot(rows: list[dict], norm: float) -> torch.Tensor:
+        out = torch.zeros(len(rows), len(vocab))
+        for r, row in enumerate(rows):
+            out[r, [column[(k, str(row.get(k)))] for k in ATTRIBUTES]] = norm / len(ATTRIBUTES) ** 0.5
+        return out
+
+    return (torch.cat([fi, one_hot(item_rows, float(fi.norm(dim=1).mean()))], 1),
+            torch.cat([fq, one_hot(query_rows, float(fq.norm(dim=1).mean()))], 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the train.yaml of the head (datasets, labels, cache)")
     parser.add_argument("--encoder", required=True, help="the head trained from it (tuned encoder spec)")
     parser.add_argument("--reference", default="seed2", help="the teacher variant of the test queries to judge by")
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--skip-method", action="store_true", help="train only the free-vector head (the method's "
-                        "own run costs what `distill train` does)")
+    parser.add_argument("--skip-method", action="store_true", help="skip the method's own run (it costs what "
+                        "`distill train` does)")
+    parser.add_argument("--skip-free", action="store_true", help="skip the free-vector run")
+    parser.add_argument("--attributes", action="store_true",
+                        help="also train the method's head with the true attributes appended (a sandbox oracle)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = load_config(args.config)
@@ -121,14 +156,23 @@ def main() -> None:
             methods[f"mean label of the {k} nearest train queries ({name} embedding)"] = \
                 -labels[near[:, :k]].mean(axis=1)
     h = config.head
-    runs = {"head + a free vector per item": FreeItems(AttributionHead(fq.shape[1], h.hidden, h.out, h.depth,
-                                                                       h.dropout), len(fi))}
+    runs = {}  # name -> (model, query features, item features)
+    if not args.skip_free:
+        runs["head + a free vector per item"] = (FreeItems(AttributionHead(fq.shape[1], h.hidden, h.out, h.depth,
+                                                                           h.dropout), len(fi)), fq, fi)
     if not args.skip_method:
-        runs["head on item features (method)"] = FeatureItems(AttributionHead(fq.shape[1], h.hidden, h.out, h.depth,
-                                                                              h.dropout))
-    for name, model in runs.items():
-        model.head.scale.data.fill_(-5.0)  # low z = influential: high cosine must lower the logit
-        scores, epoch = fit(model, fq, fi, labels, train_q, data, val_q, args.epochs, config.lr,
+        runs["head on item features (method)"] = (FeatureItems(AttributionHead(fq.shape[1], h.hidden, h.out, h.depth,
+                                                                               h.dropout)), fq, fi)
+    if args.attributes:
+        ai, aq = attribute_features(data, fi, fq)
+        runs["head on item features + true attributes (oracle)"] = (
+            FeatureItems(AttributionHead(aq.shape[1], h.hidden, h.out, h.depth, h.dropout)), aq, ai)
+    for name, (model, fq_run, fi_run) in runs.items():
+        if isinstance(model, FeatureItems):  # as distill train: scale and bias fitted to the labels first
+            calibrate(model.head, fq_run, fi_run, Pairs.of(data, train_q, config.label_top))
+        else:
+            model.head.scale.data.fill_(-5.0)  # low z = influential: high cosine must lower the logit
+        scores, epoch = fit(model, fq_run, fi_run, labels, train_q, data, val_q, args.epochs, config.lr,
                             config.weight_decay, config.block_items or 256, config.seed)
         methods[f"{name}, trained here (best epoch {epoch} of {args.epochs})"] = scores
     report = evaluate(judged, methods, reference=args.reference)
