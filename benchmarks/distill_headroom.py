@@ -10,10 +10,11 @@ with) for:
   head's query embedding, and by the untuned one). It needs no item features at all, only the
   teacher's rankings of similar queries;
 - the same head trained here on the same labels and blocks as ``distill train`` (same loss,
-  optimiser, calibration, 16-query x 256-item blocks, validation split and best-epoch rule), once with the items
+  optimiser, 16-query x 256-item blocks, validation split and best-epoch rule), once with the items
   embedded by the head from their backbone features (the method) and once with a free vector per
   training item learnt in their place: what a head could reach if the backbones told it everything
-  the teacher distinguishes about each item;
+  the teacher distinguishes about each item. The head on item features starts calibrated, as in
+  ``distill train``; the free vectors from scale -5 (calibration needs the head's item vectors);
 - with ``--attributes``, the method's head once more on backbone features plus the world's true
   attributes (one-hot shape, colour, size, position, texture, background, motif): of each training
   item from its manifest row, of each query from its prompt's row in the job's prompts.jsonl. An
