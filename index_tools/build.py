@@ -276,7 +276,8 @@ def compact_bundle(bundle_dir: str | Path, backend: str | None = None, backend_p
     result = Compaction(changed=False, items_before=current.items, indexes_before=1 + len(current.shards),
                         deleted=0, items_after=current.items, backend=current.backend)
     if not removed and not current.shards and backend is None and backend_params is None:
-        return result
+        with writer_lock(bundle.path):  # nothing to change, but like every writer it clears what a killed one left
+            return result
     with Bundle.change(bundle.path, reads=REWRITTEN) as staged:
         current, tmp = staged.manifest, staged.path
         with staged.items(writable=True) as store:  # the staged copy: items, vectors and index stay one snapshot
